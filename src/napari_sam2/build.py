@@ -1,0 +1,63 @@
+"""Build a SAM2 network by registry name, with the official weights."""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+
+import torch
+
+from .checkpoints import load_state_dict, load_weights, resolve_checkpoint
+from .modeling import SAM2, get_config
+
+
+def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
+    """"auto" picks CUDA, then Apple MPS, then the CPU."""
+    if device is None or str(device) == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    dev = torch.device(device)
+    if dev.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device={device!r} was asked for but CUDA is not available here; use 'cpu' or 'auto'.")
+    return dev
+
+
+def build_model(
+    name: str = "sam2.1_hiera_tiny",
+    checkpoint: str | os.PathLike | None = None,
+    device: str | torch.device = "cpu",
+    *,
+    pretrained: bool = True,
+    download: bool = True,
+    image_size: int | None = None,
+) -> SAM2:
+    """The SAM2 network ``name`` (e.g. ``"sam2.1_hiera_tiny"``, ``"sam2_hiera_large"``) in eval mode.
+
+    Parameters
+    ----------
+    checkpoint
+        A checkpoint file in the official layout (``{"model": state_dict}`` or a bare state dict).
+        ``None``: the official file, from the local cache or ``./model/``, downloaded if missing.
+    device
+        ``"cpu"``, ``"cuda"``, ``"mps"`` or ``"auto"``.
+    pretrained
+        ``False`` builds the network with untrained weights (for tests), ignoring ``checkpoint``.
+    download
+        Allow downloading the official checkpoint when it is not found locally.
+    image_size
+        Input size of the network (default 1024, what SAM2 was trained at; a multiple of 64). Smaller
+        sizes run much faster on small images at some cost in accuracy.
+    """
+    cfg = get_config(name)
+    if image_size is not None and image_size != cfg.image_size:
+        if image_size <= 0 or image_size % 64:
+            raise ValueError(f"image_size must be a positive multiple of 64, got {image_size}.")
+        cfg = dataclasses.replace(cfg, image_size=int(image_size))
+    model = SAM2(cfg)
+    if pretrained:
+        path = resolve_checkpoint(name, checkpoint, download=download)
+        load_weights(model, load_state_dict(path), name, source=path)
+    return model.to(resolve_device(device)).eval()

@@ -1,0 +1,56 @@
+"""Memory attention: conditions the current frame's features on the memory bank.
+
+Four pre-norm layers of self-attention (RoPE), cross-attention to memories (RoPE on the spatial
+memory tokens, none on object-pointer tokens) and a ReLU feed-forward network.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .transformer import RoPEAttention
+
+
+class MemoryAttentionLayer(nn.Module):
+    def __init__(self, d_model: int = 256, mem_dim: int = 64, dim_feedforward: int = 2048):
+        super().__init__()
+        self.self_attn = RoPEAttention(d_model, num_heads=1)
+        self.cross_attn_image = RoPEAttention(d_model, num_heads=1, rope_k_repeat=True, kv_in_dim=mem_dim)
+        self.linear1 = nn.Linear(d_model, dim_feedforward)
+        self.linear2 = nn.Linear(dim_feedforward, d_model)
+        self.norm1 = nn.LayerNorm(d_model)
+        self.norm2 = nn.LayerNorm(d_model)
+        self.norm3 = nn.LayerNorm(d_model)
+
+    def forward(self, tgt, memory, memory_pos, num_k_exclude_rope: int = 0):
+        x = self.norm1(tgt)
+        tgt = tgt + self.self_attn(x, x, x)
+        # keys carry the memories' positions; queries get position only through RoPE
+        x = self.norm2(tgt)
+        tgt = tgt + self.cross_attn_image(x, memory + memory_pos, memory, num_k_exclude_rope=num_k_exclude_rope)
+        x = self.norm3(tgt)
+        return tgt + self.linear2(F.relu(self.linear1(x)))
+
+
+class MemoryAttention(nn.Module):
+    def __init__(self, d_model: int = 256, mem_dim: int = 64, num_layers: int = 4):
+        super().__init__()
+        self.layers = nn.ModuleList(MemoryAttentionLayer(d_model, mem_dim) for _ in range(num_layers))
+        self.norm = nn.LayerNorm(d_model)
+
+    def forward(
+        self,
+        curr: torch.Tensor,
+        curr_pos: torch.Tensor,
+        memory: torch.Tensor,
+        memory_pos: torch.Tensor,
+        num_obj_ptr_tokens: int = 0,
+    ) -> torch.Tensor:
+        """curr, curr_pos: B x HW x C; memory, memory_pos: B x M x mem_dim, the last
+        ``num_obj_ptr_tokens`` of which are object-pointer tokens. Returns B x HW x C."""
+        x = curr + 0.1 * curr_pos
+        for layer in self.layers:
+            x = layer(x, memory, memory_pos, num_k_exclude_rope=num_obj_ptr_tokens)
+        return self.norm(x)

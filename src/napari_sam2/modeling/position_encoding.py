@@ -1,0 +1,122 @@
+"""Position encodings: 2D sine maps, random Fourier features for prompts, 1D sine for time,
+and the axial 2D rotary encoding (RoPE) used by memory attention."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+
+class PositionEmbeddingSine(nn.Module):
+    """Normalised 2D sine/cosine map (DETR style) for B x C x H x W features.
+
+    ``num_pos_feats`` is the output channel count; half of it encodes y, half x.
+    Maps depend only on (H, W), so they are cached per size and device.
+    """
+
+    def __init__(self, num_pos_feats: int, temperature: float = 10000.0):
+        super().__init__()
+        assert num_pos_feats % 2 == 0
+        self.num_pos_feats = num_pos_feats // 2
+        self.temperature = temperature
+        self.scale = 2 * math.pi
+        self._cache: dict[tuple, torch.Tensor] = {}
+
+    def _map(self, h: int, w: int, device: torch.device) -> torch.Tensor:
+        key = (h, w, device)
+        if key not in self._cache:
+            eps = 1e-6
+            y = torch.arange(1, h + 1, dtype=torch.float32, device=device)
+            x = torch.arange(1, w + 1, dtype=torch.float32, device=device)
+            y = y / (y[-1] + eps) * self.scale
+            x = x / (x[-1] + eps) * self.scale
+            d = torch.arange(self.num_pos_feats, dtype=torch.float32, device=device)
+            d = self.temperature ** (2 * (d // 2) / self.num_pos_feats)
+            px = x[:, None] / d  # W x F
+            py = y[:, None] / d  # H x F
+            # interleave sin of even and cos of odd frequencies
+            px = torch.stack((px[:, 0::2].sin(), px[:, 1::2].cos()), dim=2).flatten(1)
+            py = torch.stack((py[:, 0::2].sin(), py[:, 1::2].cos()), dim=2).flatten(1)
+            pos = torch.cat(
+                (py[:, None, :].expand(h, w, -1), px[None, :, :].expand(h, w, -1)), dim=2
+            )
+            self._cache[key] = pos.permute(2, 0, 1).contiguous()  # C x H x W
+        return self._cache[key]
+
+    @torch.no_grad()
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pos = self._map(x.shape[-2], x.shape[-1], x.device)
+        return pos.unsqueeze(0).expand(x.shape[0], -1, -1, -1).to(x.dtype)
+
+
+class PositionEmbeddingRandom(nn.Module):
+    """Random Fourier features of normalised (x, y) coordinates (SAM prompt encoder)."""
+
+    def __init__(self, num_pos_feats: int = 64, scale: float = 1.0):
+        super().__init__()
+        self.register_buffer(
+            "positional_encoding_gaussian_matrix", scale * torch.randn((2, num_pos_feats))
+        )
+
+    def _encode(self, coords: torch.Tensor) -> torch.Tensor:
+        # coords in [0, 1] -> [-1, 1] -> random projection -> sin/cos
+        coords = 2 * coords - 1
+        coords = coords @ self.positional_encoding_gaussian_matrix
+        coords = 2 * math.pi * coords
+        return torch.cat([coords.sin(), coords.cos()], dim=-1)
+
+    def forward(self, size: tuple[int, int]) -> torch.Tensor:
+        """Dense C x H x W encoding of a grid of pixel centres."""
+        h, w = size
+        dev = self.positional_encoding_gaussian_matrix.device
+        y = (torch.arange(h, device=dev, dtype=torch.float32) + 0.5) / h
+        x = (torch.arange(w, device=dev, dtype=torch.float32) + 0.5) / w
+        grid = torch.stack((x[None, :].expand(h, w), y[:, None].expand(h, w)), dim=-1)
+        return self._encode(grid).permute(2, 0, 1)
+
+    def forward_with_coords(self, coords: torch.Tensor, image_size: tuple[int, int]) -> torch.Tensor:
+        """B x N x 2 pixel (x, y) coordinates -> B x N x C."""
+        coords = coords.clone()
+        coords[..., 0] = coords[..., 0] / image_size[1]
+        coords[..., 1] = coords[..., 1] / image_size[0]
+        return self._encode(coords.to(torch.float))
+
+
+def get_1d_sine_pe(pos: torch.Tensor, dim: int, temperature: float = 10000.0) -> torch.Tensor:
+    """Sine/cosine encoding of (possibly fractional, signed) 1D positions: N -> N x dim."""
+    half = dim // 2
+    d = torch.arange(half, dtype=torch.float32, device=pos.device)
+    d = temperature ** (2 * (d // 2) / half)
+    angles = pos.unsqueeze(-1) / d
+    return torch.cat([angles.sin(), angles.cos()], dim=-1)
+
+
+def axial_rope_angles(dim: int, end_x: int, end_y: int, theta: float = 10000.0) -> torch.Tensor:
+    """Rotation angles of the axial 2D RoPE for an end_y x end_x token grid (row major).
+
+    Returns (end_x * end_y) x (dim // 2): the first dim // 4 pairs rotate with x, the rest with y.
+    """
+    freqs = 1.0 / (theta ** (torch.arange(0, dim, 4)[: dim // 4].float() / dim))
+    t = torch.arange(end_x * end_y)
+    tx = (t % end_x).float()
+    ty = torch.div(t, end_x, rounding_mode="floor").float()
+    return torch.cat([torch.outer(tx, freqs), torch.outer(ty, freqs)], dim=-1)
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive channel pairs of ``x`` (... x N x D) by the angles behind cos/sin (N x D/2).
+
+    ``x`` may hold a whole number of repeats of the N positions along its token axis (the memory
+    bank's frames share one grid of positions).
+    """
+    n = cos.shape[0]
+    reps = x.shape[-2] // n
+    if reps > 1:
+        cos = cos.repeat(reps, 1)
+        sin = sin.repeat(reps, 1)
+    xf = x.float().unflatten(-1, (-1, 2))
+    x0, x1 = xf[..., 0], xf[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
+    return out.type_as(x)

@@ -1,0 +1,150 @@
+"""Frames for the network, read lazily from any stack and normalised once per stack."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..io import normalize_frame, open_stack, percentile_range, select
+from ..io.stack import Stack
+
+IMAGENET_MEAN = (0.485, 0.456, 0.406)
+IMAGENET_STD = (0.229, 0.224, 0.225)
+
+
+def _as_stack(video: Any, axes: str | None, channel: int | None, rgb: bool) -> Stack:
+    stack = video if isinstance(video, Stack) else open_stack(video, axes=axes)
+    if rgb:
+        # keep the 3 colour channels together: (T, Y, X, 3)
+        data, ax = stack.data, stack.axes
+        keep = [a for a in ax if a in "TYXC"]
+        if len(keep) != len(ax):
+            raise ValueError(f"an RGB video needs axes from T, Y, X, C only; got {ax!r}. Pass axes= or channel=.")
+        order = [ax.index(a) for a in "TYXC" if a in ax]
+        data = data.transpose(order)
+        if "T" not in ax:
+            data = data[None]
+        return Stack(data=data, axes="TYXC", path=stack.path, metadata=dict(stack.metadata))
+    return select(stack, channel=channel)
+
+
+def _is_rgb(stack: Stack, channel: int | None) -> bool:
+    return channel is None and "C" in stack.axes and stack.size("C") == 3
+
+
+class FrameSource:
+    """Frames of a video, prepared for the network one at a time.
+
+    Parameters
+    ----------
+    video
+        numpy / dask / zarr array, a path (TIFF, Zarr, folder of frames) or a
+        :class:`napari_sam2.io.Stack`. Axes ``(T, Y, X)``, ``(T, Y, X, C)`` or others named by ``axes``.
+    normalize
+        ``"percentile"`` (default): intensities scaled by the 0.5 / 99.5 percentiles estimated once over
+        a sample of the stack (no flicker); ``"reference"``: 8-bit RGB preprocessed exactly like the
+        official SAM2 video predictor (bicubic resize, x / 255); a ``(lo, hi)`` pair: a fixed range.
+        Every mode ends with ImageNet mean/std.
+    """
+
+    def __init__(
+        self,
+        video: Any,
+        image_size: int = 1024,
+        *,
+        axes: str | None = None,
+        channel: int | None = None,
+        normalize: str | tuple[float, float] = "percentile",
+        percentiles: tuple[float, float] = (0.5, 99.5),
+    ):
+        stack = video if isinstance(video, Stack) else open_stack(video, axes=axes)
+        self.rgb = _is_rgb(stack, channel)
+        self.stack = _as_stack(stack, axes, channel, self.rgb)
+        self.data = self.stack.data
+        shape = self.data.shape
+        if shape[0] == 0:
+            raise ValueError("the video has 0 frames: nothing to segment.")
+        self.num_frames = int(shape[0])
+        self.height, self.width = int(shape[1]), int(shape[2])
+        if self.height == 0 or self.width == 0:
+            raise ValueError(f"the video's frames are empty (shape {tuple(shape)}).")
+        self.image_size = image_size
+        self.normalize = normalize
+        if isinstance(normalize, str) and normalize == "reference":
+            if self.data.dtype != np.uint8:
+                raise ValueError(
+                    f"normalize='reference' reproduces the official preprocessing of 8-bit RGB frames; this video is "
+                    f"{self.data.dtype}. Use normalize='percentile' (default) or a (lo, hi) range."
+                )
+            self.range = (0.0, 255.0)
+        elif isinstance(normalize, str) and normalize == "percentile":
+            self.range = percentile_range(self.data, *percentiles)
+        elif isinstance(normalize, (tuple, list)) and len(normalize) == 2:
+            self.range = (float(normalize[0]), float(normalize[1]))
+        else:
+            raise ValueError(f"normalize must be 'percentile', 'reference' or a (lo, hi) pair, got {normalize!r}.")
+        self._mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+        self._std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+
+    def __len__(self) -> int:
+        return self.num_frames
+
+    def raw(self, t: int) -> np.ndarray:
+        """Frame ``t`` as stored, (Y, X) or (Y, X, 3)."""
+        self.check_index(t)
+        frame = self.data[t]
+        return np.asarray(frame.compute() if hasattr(frame, "compute") else frame)
+
+    def check_index(self, t: int) -> None:
+        if not isinstance(t, (int, np.integer)) or isinstance(t, bool):
+            raise TypeError(f"frame index must be an integer, got {t!r}")
+        if not 0 <= t < self.num_frames:
+            raise IndexError(f"frame index {t} is out of range: the video has {self.num_frames} frames (0..{self.num_frames - 1}).")
+
+    def __getitem__(self, t: int) -> torch.Tensor:
+        """Frame ``t`` as a 3 x S x S float32 tensor, normalised for the network."""
+        frame = self.raw(t)
+        if isinstance(self.normalize, str) and self.normalize == "reference":
+            img = self._reference_preprocess(frame)
+        else:
+            lo, hi = self.range
+            x = torch.from_numpy(normalize_frame(frame, lo, hi, index=t))
+            x = x.permute(2, 0, 1) if x.ndim == 3 else x.unsqueeze(0)
+            x = F.interpolate(x[None], size=(self.image_size, self.image_size), mode="bilinear", align_corners=False, antialias=True)[0]
+            img = x.expand(3, -1, -1) if x.shape[0] == 1 else x
+        return (img - self._mean) / self._std
+
+    def _reference_preprocess(self, frame: np.ndarray) -> torch.Tensor:
+        from PIL import Image
+
+        if frame.ndim == 2:
+            frame = np.repeat(frame[..., None], 3, axis=2)
+        # PIL's default resampling, as the official frame loader uses
+        img = np.array(Image.fromarray(frame).convert("RGB").resize((self.image_size, self.image_size)))
+        return torch.from_numpy(img / 255.0).permute(2, 0, 1).float()
+
+
+class FeatureCache:
+    """The image features of the last few frames (bounded: a video's features never pile up)."""
+
+    def __init__(self, compute: Callable[[int], Any], size: int = 2):
+        self._compute = compute
+        self._size = size
+        self._items: OrderedDict[int, Any] = OrderedDict()
+
+    def __call__(self, t: int):
+        if t in self._items:
+            self._items.move_to_end(t)
+            return self._items[t]
+        value = self._compute(t)
+        self._items[t] = value
+        while len(self._items) > self._size:
+            self._items.popitem(last=False)
+        return value
+
+    def clear(self) -> None:
+        self._items.clear()

@@ -1,0 +1,132 @@
+"""Per-object storage of tracked frames: a small window in RAM, the rest on disk (or dropped).
+
+What one tracked frame leaves behind per object: its memory (64 x 64 x 64 bf16, 512 KiB), its low-res
+mask logits (256 x 256 fp32, 256 KiB, fed back with correction clicks), its object pointer and score.
+A step only reads the 6 frames before it (memories) and 15 (pointers), so only a window of recent
+frames stays in RAM; older frames are spilled to disk so that a later re-propagation or a correction
+click on any frame sees exactly what the official predictor would see.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+import weakref
+from collections import OrderedDict
+
+import numpy as np
+import torch
+
+ENTRY_KEYS = ("maskmem_features", "pred_masks", "obj_ptr", "object_score_logits")
+
+
+class FrameStore:
+    """Mapping frame index -> entry (dict of tensors, batch of 1) for one object.
+
+    Parameters
+    ----------
+    num_frames
+        Length of the video (the index of which frames exist is a bitmap, 1 byte per frame).
+    ram_frames
+        How many entries stay in RAM; at least the 16 a tracking step reads.
+    spill_dir
+        Folder for entries evicted from RAM; ``None`` drops them (RAM-only mode: re-propagation
+        recomputes instead, and correction clicks on old frames start from no previous mask).
+    """
+
+    def __init__(self, num_frames: int, ram_frames: int = 16, spill_dir: str | None = None):
+        self._ram: OrderedDict[int, dict] = OrderedDict()
+        self._has = np.zeros(num_frames, dtype=bool)
+        self._on_disk = np.zeros(num_frames, dtype=bool)
+        self.ram_frames = max(ram_frames, 1)
+        self.spill_dir = spill_dir
+        if spill_dir is not None:
+            os.makedirs(spill_dir, exist_ok=True)
+
+    def __contains__(self, t: int) -> bool:
+        return 0 <= t < len(self._has) and bool(self._has[t])
+
+    def __len__(self) -> int:
+        return int(self._has.sum())
+
+    def frames(self) -> list[int]:
+        return np.flatnonzero(self._has).tolist()
+
+    def has_mask(self, frames) -> tuple[bool, ...]:
+        """Which of ``frames`` (possibly out of range) hold an entry: the bank layout of a step."""
+        n = len(self._has)
+        return tuple(bool(0 <= t < n and self._has[t]) for t in frames)
+
+    def _path(self, t: int) -> str:
+        return os.path.join(self.spill_dir, f"{t:07d}.pt")
+
+    def __setitem__(self, t: int, entry: dict) -> None:
+        self._ram[t] = {k: entry[k] for k in ENTRY_KEYS}
+        self._ram.move_to_end(t)
+        self._has[t] = True
+        if self._on_disk[t]:
+            # the copy on disk is stale now
+            os.remove(self._path(t))
+            self._on_disk[t] = False
+        self._evict()
+
+    def get(self, t: int, default=None):
+        if t not in self:
+            return default
+        if t in self._ram:
+            self._ram.move_to_end(t)
+            return self._ram[t]
+        if not self._on_disk[t]:
+            return default
+        entry = torch.load(self._path(t), map_location="cpu", weights_only=True)
+        self._ram[t] = entry
+        self._evict(keep=t)
+        return entry
+
+    def __getitem__(self, t: int) -> dict:
+        entry = self.get(t)
+        if entry is None:
+            raise KeyError(t)
+        return entry
+
+    def pop(self, t: int, default=None):
+        entry = self.get(t, default)
+        if t in self:
+            self._ram.pop(t, None)
+            self._has[t] = False
+            if self._on_disk[t]:
+                os.remove(self._path(t))
+                self._on_disk[t] = False
+        return entry
+
+    def clear(self) -> None:
+        for t in self.frames():
+            self.pop(t)
+
+    def _evict(self, keep: int | None = None) -> None:
+        while len(self._ram) > self.ram_frames:
+            t, entry = next(iter(self._ram.items()))
+            if t == keep:
+                self._ram.move_to_end(t)
+                continue
+            del self._ram[t]
+            if self.spill_dir is None:
+                self._has[t] = False
+            else:
+                torch.save(entry, self._path(t))
+                self._on_disk[t] = True
+
+
+class SpillDir:
+    """A temporary folder for spilled frames, removed when its owner goes away."""
+
+    def __init__(self, parent: str | None = None):
+        self.path = tempfile.mkdtemp(prefix="napari-sam2-", dir=parent)
+        self._finalizer = weakref.finalize(self, shutil.rmtree, self.path, True)
+
+    def sub(self, name: str) -> str:
+        return os.path.join(self.path, name)
+
+    def cleanup(self) -> None:
+        self._finalizer()

@@ -1,0 +1,556 @@
+"""Streaming video predictor for the promptable video segmentation (PVS) task.
+
+The public methods and their semantics are those of the official ``SAM2VideoPredictor``
+(``init_state``, ``add_new_points_or_box``, ``add_new_mask``, ``propagate_in_video``,
+``clear_all_prompts_in_frame``, ``remove_object``, ``reset_state``), so the official notebooks carry
+over. What differs is what is kept: frames are read when needed (never the whole video), image
+features of only a couple of frames are cached, each object keeps its conditioning frames and a window
+of recent frames in RAM and spills older frames to disk, and objects that share a frame and a memory
+layout are run as one batch.
+"""
+
+from __future__ import annotations
+
+import os
+from contextlib import nullcontext
+from typing import Any, Iterator
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..build import build_model, resolve_device
+from ..modeling import SAM2
+from ..modeling.sam2 import NO_OBJ_SCORE, FrameFeatures
+from .frames import FeatureCache, FrameSource
+from .postprocess import fill_holes, non_overlapping
+from .store import FrameStore, SpillDir
+
+_FORWARD, _REVERSE = 1, 2
+
+
+class ObjectTrack:
+    """Prompts and tracking results of one object."""
+
+    def __init__(self, obj_id: Any, num_frames: int, spill_dir: str | None, ram_frames: int):
+        self.obj_id = obj_id
+        self.point_inputs: dict[int, dict] = {}
+        self.mask_input_frames: set[int] = set()
+        self.cond: dict[int, dict] = {}  # conditioning frames, always in RAM
+        self.temp: dict[str, dict[int, dict]] = {"cond": {}, "non_cond": {}}  # prompted, not yet in memory
+        self.non_cond = FrameStore(num_frames, ram_frames=ram_frames, spill_dir=spill_dir)
+        self.tracked = np.zeros(num_frames, dtype=np.int8)  # 0 untracked, 1 forward, 2 reverse
+        self.scores = np.full(num_frames, np.nan, dtype=np.float32)  # object-present logits
+
+    @property
+    def bank(self) -> dict:
+        return {"cond_frame_outputs": self.cond, "non_cond_frame_outputs": self.non_cond}
+
+    def output(self, t: int, temp_key: str) -> dict | None:
+        """The latest output on frame t: a pending prompt's, else a conditioning or tracked frame's."""
+        out = self.temp[temp_key].get(t)
+        if out is None:
+            out = self.cond.get(t)
+        if out is None:
+            out = self.non_cond.get(t)
+        return out
+
+    def clear(self) -> None:
+        self.point_inputs.clear()
+        self.mask_input_frames.clear()
+        self.cond.clear()
+        self.temp["cond"].clear()
+        self.temp["non_cond"].clear()
+        self.non_cond.clear()
+        self.tracked[:] = 0
+        self.scores[:] = np.nan
+
+
+class VideoState:
+    """Everything one video's session holds (the official ``inference_state``)."""
+
+    def __init__(self, frames: FrameSource, device: torch.device, spill: SpillDir | None, ram_frames: int, feature_fn):
+        self.frames = frames
+        self.device = device
+        self.num_frames = frames.num_frames
+        self.video_height = frames.height
+        self.video_width = frames.width
+        self.objects: dict[Any, ObjectTrack] = {}
+        self.spill = spill
+        self.ram_frames = ram_frames
+        self.features = FeatureCache(feature_fn, size=2)
+        self._objects_made = 0
+
+    @property
+    def obj_ids(self) -> list:
+        return list(self.objects)
+
+    def __getitem__(self, key: str):
+        # the official state is a dict: keep its common keys readable
+        if key in ("num_frames", "video_height", "video_width", "obj_ids", "device"):
+            return getattr(self, key)
+        raise KeyError(key)
+
+    def new_object(self, obj_id) -> ObjectTrack:
+        self._objects_made += 1
+        spill_dir = self.spill.sub(f"obj{self._objects_made:05d}") if self.spill else None
+        obj = ObjectTrack(obj_id, self.num_frames, spill_dir, self.ram_frames)
+        self.objects[obj_id] = obj
+        return obj
+
+    def object_score_logits(self, obj_id) -> np.ndarray:
+        """Object-present logit per frame for ``obj_id`` (> 0: visible; NaN: not computed)."""
+        return self.objects[obj_id].scores
+
+
+class VideoPredictor:
+    """Segment and track objects through a video from prompts on any frames.
+
+    Parameters
+    ----------
+    model
+        A :class:`~napari_sam2.modeling.SAM2` network (see :func:`napari_sam2.build_model`).
+    fill_hole_area
+        Background holes of at most this many pixels (at 256 x 256) in a mask are filled (8, as the
+        official video predictor; the official code skips this on machines without its CUDA extension).
+    non_overlap_masks
+        Give every pixel to at most one object in the outputs.
+    history
+        ``"disk"`` (default): tracked frames beyond the RAM window go to a temporary folder, so
+        re-propagation and corrections behave exactly as in the official predictor. ``"ram"``: they
+        are dropped (bounded RAM and no disk, for one-pass batch runs).
+    ram_frames
+        Tracked frames per object kept in RAM (at least 16: what one step reads).
+    """
+
+    def __init__(
+        self,
+        model: SAM2,
+        fill_hole_area: int = 8,
+        non_overlap_masks: bool = False,
+        history: str = "disk",
+        ram_frames: int = 16,
+        spill_dir: str | None = None,
+    ):
+        if history not in ("disk", "ram"):
+            raise ValueError(f"history must be 'disk' or 'ram', got {history!r}")
+        self.model = model.eval()
+        self.image_size = model.image_size
+        self.fill_hole_area = fill_hole_area
+        self.non_overlap_masks = non_overlap_masks
+        self.history = history
+        self.ram_frames = max(ram_frames, 16)
+        self.spill_dir = spill_dir
+
+    @property
+    def device(self) -> torch.device:
+        return self.model.device
+
+    def _autocast(self):
+        if self.device.type == "cuda":
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+        return nullcontext()
+
+    # ------------------------------------------------------------------ state
+    @torch.inference_mode()
+    def init_state(
+        self,
+        video,
+        *,
+        axes: str | None = None,
+        channel: int | None = None,
+        normalize: str | tuple[float, float] = "percentile",
+        percentiles: tuple[float, float] = (0.5, 99.5),
+        offload_video_to_cpu: bool = False,
+        offload_state_to_cpu: bool = False,
+        async_loading_frames: bool = False,
+    ) -> VideoState:
+        """Open a video for a session. Nothing is read but a sample for the intensity range.
+
+        ``video``: numpy / dask / zarr array ((T, Y, X), (T, Y, X, C) or any axes named by ``axes``), a
+        path (TIFF, Zarr, folder of frames) or a :class:`napari_sam2.io.Stack`; any dtype. The
+        ``offload_*`` and ``async_loading_frames`` flags of the official API are accepted and not needed.
+        """
+        frames = FrameSource(video, self.image_size, axes=axes, channel=channel, normalize=normalize, percentiles=percentiles)
+        spill = SpillDir(self.spill_dir) if self.history == "disk" else None
+
+        def encode(t: int) -> FrameFeatures:
+            image = frames[t].to(self.device)[None]
+            with self._autocast():
+                return self.model.encode_frame(image)
+
+        return VideoState(frames, self.device, spill, self.ram_frames, encode)
+
+    @torch.inference_mode()
+    def reset_state(self, state: VideoState) -> None:
+        """Remove every object with its prompts and results."""
+        for obj in state.objects.values():
+            obj.clear()
+        state.objects.clear()
+
+    def close(self, state: VideoState) -> None:
+        """Free the session's spilled frames on disk now (they also go when the state is collected)."""
+        self.reset_state(state)
+        if state.spill is not None:
+            state.spill.cleanup()
+
+    def _object(self, state: VideoState, obj_id, create: bool) -> ObjectTrack:
+        if obj_id in state.objects:
+            return state.objects[obj_id]
+        if create:
+            return state.new_object(obj_id)
+        raise KeyError(f"unknown object id {obj_id!r}; the session's objects are {state.obj_ids}.")
+
+    # ------------------------------------------------------------------ running the network
+    def _run(
+        self,
+        state: VideoState,
+        objs: list[ObjectTrack],
+        t: int,
+        *,
+        is_init_cond_frame: bool,
+        reverse: bool,
+        run_mem_encoder: bool,
+        point_inputs: dict | None = None,
+        mask_inputs: torch.Tensor | None = None,
+        prev_mask_logits: torch.Tensor | None = None,
+    ) -> list[dict]:
+        """One tracking step for objects that share frame t's memory layout, as one batch."""
+        feats = state.features(t).expand(len(objs))
+        bank = self._batched_bank(objs, t, state.num_frames, reverse) if not is_init_cond_frame else None
+        with self._autocast():
+            out = self.model.track_step(
+                feats,
+                frame_idx=t,
+                is_init_cond_frame=is_init_cond_frame,
+                memory=bank,
+                num_frames=state.num_frames,
+                point_inputs=point_inputs,
+                mask_inputs=mask_inputs,
+                reverse=reverse,
+                run_mem_encoder=run_mem_encoder,
+                prev_mask_logits=prev_mask_logits,
+            )
+        pred = out["pred_masks"].float()
+        if self.fill_hole_area > 0:
+            pred = fill_holes(pred, self.fill_hole_area)
+        mem = out["maskmem_features"]
+        results = []
+        for i in range(len(objs)):
+            results.append(
+                {
+                    # memories are kept in bf16, as the official predictor does: half the storage
+                    "maskmem_features": None if mem is None else mem[i : i + 1].to(torch.bfloat16).cpu(),
+                    "pred_masks": pred[i : i + 1].cpu(),
+                    "obj_ptr": out["obj_ptr"][i : i + 1].float().cpu(),
+                    "object_score_logits": out["object_score_logits"][i : i + 1].float().cpu(),
+                }
+            )
+        return results
+
+    def _bank_window(self, t: int, num_frames: int, reverse: bool) -> list[int]:
+        spatial, ptrs = self.model.memory_frames(t, num_frames, reverse)
+        return sorted(set(spatial) | set(ptrs))
+
+    def _batched_bank(self, objs: list[ObjectTrack], t: int, num_frames: int, reverse: bool) -> dict:
+        if len(objs) == 1:
+            return objs[0].bank
+
+        def cat(entries: list[dict]) -> dict:
+            return {k: torch.cat([e[k] for e in entries]) for k in ("maskmem_features", "obj_ptr")}
+
+        cond = {f: cat([o.cond[f] for o in objs]) for f in objs[0].cond}
+        non_cond = {}
+        for f in self._bank_window(t, num_frames, reverse):
+            entries = [o.non_cond.get(f) for o in objs]
+            if entries[0] is not None:
+                non_cond[f] = cat(entries)
+        return {"cond_frame_outputs": cond, "non_cond_frame_outputs": non_cond}
+
+    def _groups(self, objs: list[ObjectTrack], t: int, num_frames: int, reverse: bool) -> list[list[ObjectTrack]]:
+        """Objects whose memory banks have the same layout on frame t can run as one batch."""
+        window = self._bank_window(t, num_frames, reverse)
+        groups: dict[tuple, list[ObjectTrack]] = {}
+        for o in objs:
+            key = (tuple(o.cond), o.non_cond.has_mask(window))
+            groups.setdefault(key, []).append(o)
+        return list(groups.values())
+
+    # ------------------------------------------------------------------ outputs
+    def _video_res(self, state: VideoState, masks: torch.Tensor) -> torch.Tensor:
+        """N x 1 x h x w logits -> N x 1 x H x W at the video's resolution."""
+        size = (state.video_height, state.video_width)
+        if tuple(masks.shape[-2:]) != size:
+            masks = F.interpolate(masks, size=size, mode="bilinear", align_corners=False)
+        if self.non_overlap_masks:
+            masks = non_overlapping(masks)
+        return masks
+
+    def _frame_output(self, state: VideoState, t: int, temp_key: str):
+        """All objects' current masks on frame t, as the official predictor returns after a prompt."""
+        size = (state.video_height, state.video_width)
+        masks = torch.full((len(state.objects), 1, *size), NO_OBJ_SCORE, dtype=torch.float32)
+        for i, obj in enumerate(state.objects.values()):
+            out = obj.output(t, temp_key)
+            if out is not None:
+                masks[i : i + 1] = F.interpolate(out["pred_masks"], size=size, mode="bilinear", align_corners=False)
+        return t, state.obj_ids, self._video_res(state, masks)
+
+    # ------------------------------------------------------------------ prompts
+    def _check_frame(self, state: VideoState, frame_idx) -> int:
+        state.frames.check_index(frame_idx)
+        return int(frame_idx)
+
+    def _prompt_points(self, state, points, labels, box, normalize_coords) -> tuple[torch.Tensor, torch.Tensor]:
+        """Validate clicks / box and return them as 1 x N x 2 model-space coordinates and 1 x N labels."""
+        if (points is None) != (labels is None):
+            raise ValueError("points and labels must be given together (one label per point: 1 positive, 0 negative).")
+        if points is None and box is None:
+            raise ValueError("give at least one prompt: points with labels, or a box.")
+        pts = torch.zeros(0, 2) if points is None else torch.as_tensor(np.asarray(points, dtype=np.float32))
+        lab = torch.zeros(0, dtype=torch.int32) if labels is None else torch.as_tensor(np.asarray(labels)).to(torch.int32)
+        pts = pts.reshape(-1, 2) if pts.ndim == 3 and pts.shape[0] == 1 else pts
+        lab = lab.reshape(-1) if lab.ndim == 2 and lab.shape[0] == 1 else lab
+        if pts.ndim != 2 or pts.shape[-1] != 2:
+            raise ValueError(f"points must have shape (N, 2) as (x, y) pairs, got {tuple(pts.shape)}.")
+        if lab.ndim != 1 or lab.shape[0] != pts.shape[0]:
+            raise ValueError(f"got {pts.shape[0]} points but labels of shape {tuple(lab.shape)}: give one label per point.")
+        if points is not None and pts.shape[0] == 0 and box is None:
+            raise ValueError("points is empty: give at least one point, or a box.")
+        if lab.numel() and not bool(((lab >= 0) & (lab <= 3)).all()):
+            raise ValueError(f"point labels must be 1 (positive) or 0 (negative), got {lab.tolist()}.")
+        if not torch.isfinite(pts).all():
+            raise ValueError("points contain NaN or infinite coordinates.")
+        w, h = (state.video_width, state.video_height) if normalize_coords else (1.0, 1.0)
+        if box is not None:
+            b = torch.as_tensor(np.asarray(box, dtype=np.float32)).reshape(-1)
+            if b.numel() != 4 or not torch.isfinite(b).all():
+                raise ValueError(f"box must be 4 finite numbers (x0, y0, x1, y1), got {box!r}.")
+            if b[2] < b[0] or b[3] < b[1]:
+                raise ValueError(f"box (x0, y0, x1, y1) = {b.tolist()} has x1 < x0 or y1 < y0.")
+            pts = torch.cat([b.reshape(2, 2), pts])
+            lab = torch.cat([torch.tensor([2, 3], dtype=torch.int32), lab])
+        outside = (pts[:, 0] < 0) | (pts[:, 0] > w) | (pts[:, 1] < 0) | (pts[:, 1] > h)
+        if outside.any():
+            where = "the normalised range [0, 1]" if not normalize_coords else f"the {state.video_width} x {state.video_height} (width x height) frame"
+            raise ValueError(f"prompt coordinates {pts[outside].tolist()} (x, y) lie outside {where}.")
+        pts = pts / torch.tensor([w, h], dtype=torch.float32) * self.image_size
+        return pts[None], lab[None]
+
+    def _prepare_prompt(self, state: VideoState, obj: ObjectTrack, t: int):
+        """Whether the prompt starts the object on t (else it corrects a tracked frame), its direction,
+        and where its output goes."""
+        is_init = obj.tracked[t] == 0
+        reverse = bool(obj.tracked[t] == _REVERSE)
+        key = "cond" if is_init else "non_cond"
+        return is_init, reverse, key
+
+    @torch.inference_mode()
+    def add_new_points_or_box(
+        self,
+        inference_state: VideoState,
+        frame_idx: int,
+        obj_id,
+        points=None,
+        labels=None,
+        clear_old_points: bool = True,
+        normalize_coords: bool = True,
+        box=None,
+    ):
+        """Add clicks (and/or a box) for an object on a frame; returns ``(frame_idx, obj_ids, masks)``
+        with every object's mask logits on that frame, N x 1 x H x W at the video's resolution.
+
+        Points are (x, y) pixels of the video frame (or [0, 1] with ``normalize_coords=False``);
+        labels 1 positive, 0 negative; box (x0, y0, x1, y1). On a frame not yet tracked for the object
+        the prompt makes it a conditioning frame; on a tracked frame it corrects the tracked mask.
+        """
+        state = inference_state
+        t = self._check_frame(state, frame_idx)
+        pts, lab = self._prompt_points(state, points, labels, box, normalize_coords)
+        if box is not None and not clear_old_points:
+            raise ValueError("a box must come before any click on a frame: use clear_old_points=True with a box.")
+        obj = self._object(state, obj_id, create=True)
+        old = None if clear_old_points else obj.point_inputs.get(t)
+        if old is not None:
+            pts = torch.cat([old["point_coords"], pts], dim=1)
+            lab = torch.cat([old["point_labels"], lab], dim=1)
+        point_inputs = {"point_coords": pts, "point_labels": lab}
+        obj.point_inputs[t] = point_inputs
+        obj.mask_input_frames.discard(t)
+        is_init, reverse, key = self._prepare_prompt(state, obj, t)
+        prev = obj.output(t, key)
+        prev_logits = None
+        if prev is not None and prev["pred_masks"] is not None:
+            prev_logits = prev["pred_masks"].to(self.device).clamp(-32.0, 32.0)
+        dev_points = {k: v.to(self.device) for k, v in point_inputs.items()}
+        # memory is encoded when propagation starts, after all prompts of the round are in
+        (out,) = self._run(
+            state, [obj], t, is_init_cond_frame=is_init, reverse=reverse, run_mem_encoder=False,
+            point_inputs=dev_points, prev_mask_logits=prev_logits,
+        )
+        obj.temp[key][t] = out
+        obj.scores[t] = float(out["object_score_logits"])
+        return self._frame_output(state, t, key)
+
+    add_new_points = add_new_points_or_box
+
+    @torch.inference_mode()
+    def add_new_mask(self, inference_state: VideoState, frame_idx: int, obj_id, mask):
+        """Give an object's mask on a frame (H x W, the video's size; non-zero = object)."""
+        state = inference_state
+        t = self._check_frame(state, frame_idx)
+        m = torch.as_tensor(np.asarray(mask))
+        if m.ndim != 2:
+            raise ValueError(f"mask must be a 2D (H, W) array, got shape {tuple(m.shape)}.")
+        if tuple(m.shape) != (state.video_height, state.video_width):
+            raise ValueError(
+                f"mask shape {tuple(m.shape)} does not match the video's frames {(state.video_height, state.video_width)} (H, W)."
+            )
+        m = (m > 0).float()[None, None]
+        if m.shape[-2:] != (self.image_size, self.image_size):
+            m = F.interpolate(m, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False, antialias=True)
+            m = (m >= 0.5).float()
+        obj = self._object(state, obj_id, create=True)
+        obj.mask_input_frames.add(t)
+        obj.point_inputs.pop(t, None)
+        is_init, reverse, key = self._prepare_prompt(state, obj, t)
+        (out,) = self._run(
+            state, [obj], t, is_init_cond_frame=is_init, reverse=reverse, run_mem_encoder=False, mask_inputs=m.to(self.device)
+        )
+        obj.temp[key][t] = out
+        obj.scores[t] = float(out["object_score_logits"])
+        return self._frame_output(state, t, key)
+
+    @torch.inference_mode()
+    def clear_all_prompts_in_frame(self, inference_state: VideoState, frame_idx: int, obj_id, need_output: bool = True):
+        """Remove an object's clicks, box or mask on one frame."""
+        state = inference_state
+        t = self._check_frame(state, frame_idx)
+        obj = self._object(state, obj_id, create=False)
+        obj.point_inputs.pop(t, None)
+        obj.mask_input_frames.discard(t)
+        obj.temp["cond"].pop(t, None)
+        obj.temp["non_cond"].pop(t, None)
+        out = obj.cond.pop(t, None)
+        if out is not None:
+            # it stays a tracked frame's result until propagation recomputes it
+            obj.non_cond[t] = out
+            obj.tracked[t] = 0
+        if not need_output:
+            return None
+        key = "cond" if any(t in o.temp["cond"] for o in state.objects.values()) else "non_cond"
+        return self._frame_output(state, t, key)
+
+    @torch.inference_mode()
+    def remove_object(self, inference_state: VideoState, obj_id, strict: bool = False, need_output: bool = True):
+        """Forget an object; returns ``(obj_ids, [(frame_idx, masks), ...])`` for its prompted frames."""
+        state = inference_state
+        if obj_id not in state.objects:
+            if strict:
+                raise KeyError(f"cannot remove object id {obj_id!r}: the session's objects are {state.obj_ids}.")
+            return state.obj_ids, []
+        if len(state.objects) == 1:
+            self.reset_state(state)
+            return state.obj_ids, []
+        obj = state.objects[obj_id]
+        frames = sorted(set(obj.point_inputs) | obj.mask_input_frames)
+        for t in frames:
+            self.clear_all_prompts_in_frame(state, t, obj_id, need_output=False)
+        obj.clear()
+        del state.objects[obj_id]
+        updated = []
+        if need_output:
+            for t in frames:
+                key = "cond" if any(t in o.temp["cond"] for o in state.objects.values()) else "non_cond"
+                updated.append(self._frame_output(state, t, key)[::2])
+        return state.obj_ids, updated
+
+    # ------------------------------------------------------------------ propagation
+    def _preflight(self, state: VideoState) -> None:
+        """Encode the memories of the prompted frames and move them into the memory banks."""
+        if not state.objects:
+            raise RuntimeError("no prompt yet: add points, a box or a mask for at least one object before propagating.")
+        for obj in state.objects.values():
+            for key in ("non_cond", "cond"):
+                for t, out in obj.temp[key].items():
+                    if out["maskmem_features"] is None:
+                        feats = state.features(t)
+                        high = F.interpolate(out["pred_masks"].to(self.device), size=(self.image_size,) * 2, mode="bilinear", align_corners=False)
+                        with self._autocast():
+                            mem = self.model.encode_memory(feats, high, out["object_score_logits"].to(self.device), True)
+                        out["maskmem_features"] = mem.to(torch.bfloat16).cpu()
+                    if key == "cond":
+                        obj.cond[t] = out
+                    else:
+                        obj.non_cond[t] = out
+                obj.temp[key].clear()
+            if not obj.cond:
+                raise RuntimeError(
+                    f"object {obj.obj_id!r} has no prompt on any frame: add points, a box or a mask for it, or remove it."
+                )
+            for t in obj.cond:
+                obj.non_cond.pop(t)
+
+    propagate_in_video_preflight = _preflight
+
+    @torch.inference_mode()
+    def propagate_in_video(
+        self,
+        inference_state: VideoState,
+        start_frame_idx: int | None = None,
+        max_frame_num_to_track: int | None = None,
+        reverse: bool = False,
+    ) -> Iterator[tuple[int, list, torch.Tensor]]:
+        """Track every object through the video, yielding ``(frame_idx, obj_ids, masks)`` frame by
+        frame as soon as each is done (masks: N x 1 x H x W logits at the video's resolution)."""
+        state = inference_state
+        self._preflight(state)
+        n = state.num_frames
+        objs = list(state.objects.values())
+        if start_frame_idx is None:
+            start_frame_idx = min(t for o in objs for t in o.cond)
+        else:
+            start_frame_idx = self._check_frame(state, start_frame_idx)
+        if max_frame_num_to_track is None:
+            max_frame_num_to_track = n
+        if reverse:
+            end = max(start_frame_idx - max_frame_num_to_track, 0)
+            order = range(start_frame_idx, end - 1, -1) if start_frame_idx > 0 else range(0)
+        else:
+            end = min(start_frame_idx + max_frame_num_to_track, n - 1)
+            order = range(start_frame_idx, end + 1)
+
+        for t in order:
+            masks: dict[Any, torch.Tensor] = {}
+            to_track = []
+            for o in objs:
+                if t in o.cond:
+                    masks[o.obj_id] = o.cond[t]["pred_masks"]
+                else:
+                    to_track.append(o)
+            for group in self._groups(to_track, t, n, reverse):
+                outs = self._run(state, group, t, is_init_cond_frame=False, reverse=reverse, run_mem_encoder=True)
+                for o, out in zip(group, outs):
+                    o.non_cond[t] = out
+                    masks[o.obj_id] = out["pred_masks"]
+                    o.scores[t] = float(out["object_score_logits"])
+            for o in objs:
+                o.tracked[t] = _REVERSE if reverse else _FORWARD
+            stacked = torch.cat([masks[o.obj_id] for o in objs])
+            yield t, [o.obj_id for o in objs], self._video_res(state, stacked)
+
+
+def build_video_predictor(
+    name: str = "sam2.1_hiera_tiny",
+    checkpoint: str | os.PathLike | None = None,
+    device: str | torch.device = "auto",
+    image_size: int | None = None,
+    **kwargs,
+) -> VideoPredictor:
+    """A :class:`VideoPredictor` for the registry model ``name`` (official weights unless ``checkpoint``).
+
+    Extra keyword arguments go to :class:`VideoPredictor` (``fill_hole_area``, ``non_overlap_masks``,
+    ``history``, ...). ``device="auto"`` picks CUDA, then MPS, then the CPU.
+    """
+    model = build_model(name, checkpoint=checkpoint, device=resolve_device(device), image_size=image_size)
+    return VideoPredictor(model, **kwargs)
