@@ -36,7 +36,8 @@ if str(_TESTS_DIR) not in sys.path:  # so `import reference` works in any pytest
 SEED = 0
 REQUIRE_REFERENCE_ENV = "NAPARI_SAM2_REQUIRE_REFERENCE"
 
-torch.set_num_threads(2)
+# NAPARI_SAM2_TEST_THREADS=1 keeps parallel test runs from oversubscribing the 2 cores
+torch.set_num_threads(int(os.environ.get("NAPARI_SAM2_TEST_THREADS", "2")))
 torch.manual_seed(SEED)
 np.random.seed(SEED)
 random.seed(SEED)

@@ -24,14 +24,14 @@ class MemoryAttentionLayer(nn.Module):
         self.norm2 = nn.LayerNorm(d_model)
         self.norm3 = nn.LayerNorm(d_model)
 
-    def forward(self, tgt, memory, memory_pos, num_k_exclude_rope: int = 0):
+    def forward(self, tgt, memory, memory_keys, num_k_exclude_rope: int = 0):
+        """memory_keys = memory + its positions: keys carry positions, queries get them only through RoPE."""
         x = self.norm1(tgt)
         tgt = tgt + self.self_attn(x, x, x)
-        # keys carry the memories' positions; queries get position only through RoPE
         x = self.norm2(tgt)
-        tgt = tgt + self.cross_attn_image(x, memory + memory_pos, memory, num_k_exclude_rope=num_k_exclude_rope)
+        tgt = tgt + self.cross_attn_image(x, memory_keys, memory, num_k_exclude_rope=num_k_exclude_rope)
         x = self.norm3(tgt)
-        return tgt + self.linear2(F.relu(self.linear1(x)))
+        return tgt + self.linear2(F.relu(self.linear1(x), inplace=True))
 
 
 class MemoryAttention(nn.Module):
@@ -51,6 +51,7 @@ class MemoryAttention(nn.Module):
         """curr, curr_pos: B x HW x C; memory, memory_pos: B x M x mem_dim, the last
         ``num_obj_ptr_tokens`` of which are object-pointer tokens. Returns B x HW x C."""
         x = curr + 0.1 * curr_pos
+        memory_keys = memory + memory_pos  # the same for every layer: computed once
         for layer in self.layers:
-            x = layer(x, memory, memory_pos, num_k_exclude_rope=num_obj_ptr_tokens)
+            x = layer(x, memory, memory_keys, num_k_exclude_rope=num_obj_ptr_tokens)
         return self.norm(x)

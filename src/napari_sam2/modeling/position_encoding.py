@@ -105,18 +105,14 @@ def axial_rope_angles(dim: int, end_x: int, end_y: int, theta: float = 10000.0) 
     return torch.cat([torch.outer(tx, freqs), torch.outer(ty, freqs)], dim=-1)
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive channel pairs of ``x`` (... x N x D) by the angles behind cos/sin (N x D/2).
+def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
+    """Rotate consecutive channel pairs of ``x`` (... x N x D) by unit complex numbers ``freqs`` (N x D/2).
 
     ``x`` may hold a whole number of repeats of the N positions along its token axis (the memory
     bank's frames share one grid of positions).
     """
-    n = cos.shape[0]
-    reps = x.shape[-2] // n
+    reps = x.shape[-2] // freqs.shape[0]
     if reps > 1:
-        cos = cos.repeat(reps, 1)
-        sin = sin.repeat(reps, 1)
-    xf = x.float().unflatten(-1, (-1, 2))
-    x0, x1 = xf[..., 0], xf[..., 1]
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1).flatten(-2)
-    return out.type_as(x)
+        freqs = freqs.repeat(reps, 1)
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
+    return torch.view_as_real(xc * freqs).flatten(-2).type_as(x)

@@ -140,6 +140,13 @@ class SAM2(nn.Module):
         b = embed.shape[0]
         if point_inputs is not None:
             coords, labels = point_inputs["point_coords"], point_inputs["point_labels"]
+            if coords.ndim != 3 or coords.shape[-1] != 2 or coords.shape[0] != b:
+                raise ValueError(f"point_coords must be B x N x 2 with B = {b}, got {tuple(coords.shape)}.")
+            if tuple(labels.shape) != tuple(coords.shape[:2]):
+                raise ValueError(
+                    f"point_labels must be B x N matching point_coords {tuple(coords.shape)}: got labels of shape "
+                    f"{tuple(labels.shape)} (one label per point)."
+                )
         else:
             coords = embed.new_zeros(b, 1, 2)
             labels = -torch.ones(b, 1, dtype=torch.int32, device=embed.device)

@@ -55,25 +55,25 @@ class RoPEAttention(Attention):
 
     def _set_grid(self, end_x: int, end_y: int) -> None:
         angles = axial_rope_angles(self.internal_dim // self.num_heads, end_x, end_y, self.rope_theta)
-        self._cos, self._sin = angles.cos(), angles.sin()
+        self._freqs = torch.polar(torch.ones_like(angles), angles)
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_k_exclude_rope: int = 0) -> torch.Tensor:
         q = self._heads(self.q_proj(q))
         k = self._heads(self.k_proj(k))
         v = self._heads(self.v_proj(v))
         n = q.shape[-2]
-        if self._cos.shape[0] != n:
+        if self._freqs.shape[0] != n:
             side = int(round(n**0.5))
             self._set_grid(side, side)
-        if self._cos.device != q.device:
-            self._cos, self._sin = self._cos.to(q.device), self._sin.to(q.device)
+        if self._freqs.device != q.device:
+            self._freqs = self._freqs.to(q.device)
         if q.shape[-2] != k.shape[-2] and not self.rope_k_repeat:
             raise ValueError("keys cover more positions than queries but rope_k_repeat is off")
-        q = apply_rope(q, self._cos, self._sin)
+        q = apply_rope(q, self._freqs)
         n_rope = k.shape[-2] - num_k_exclude_rope
         if n_rope > 0:
-            k_rot = apply_rope(k[:, :, :n_rope], self._cos, self._sin)
-            k = torch.cat((k_rot, k[:, :, n_rope:]), dim=2) if num_k_exclude_rope else k_rot
+            # k is this call's own projection: rotate its spatial tokens in place, pointers stay as they are
+            k[:, :, :n_rope] = apply_rope(k[:, :, :n_rope], self._freqs)
         return self._out(F.scaled_dot_product_attention(q, k, v))
 
 
