@@ -81,12 +81,6 @@ def test_build_model_checkpoint_of_other_size(require_reference, ref_tiny21):
 # --------------------------------------------------------------------------------------------------
 
 
-@pytest.mark.xfail(
-    strict=True,
-    raises=(RuntimeError, IndexError),
-    reason="sam_heads does not validate point_inputs yet: torch raises an obscure size-mismatch error "
-    "from inside the prompt encoder. Remove this marker once the validation is in.",
-)
 @pytest.mark.parametrize(
     "coords_shape,labels_shape",
     [((1, 3, 2), (1, 2)), ((1, 1, 2), (1, 2)), ((1, 2, 2), (2, 2)), ((1, 2, 2), (2,))],
@@ -101,3 +95,31 @@ def test_sam_heads_points_and_labels_mismatch(tiny, coords_shape, labels_shape):
     }
     with torch.inference_mode(), pytest.raises(ValueError, match="labels"):
         tiny.sam_heads(embed, high_res, point_inputs)
+
+
+def test_sam_heads_points_batch_differs_from_features(tiny):
+    """Two objects' clicks on features of one: an error, not a silent broadcast."""
+    embed = torch.zeros(1, 256, 64, 64)
+    high_res = (torch.zeros(1, 32, 256, 256), torch.zeros(1, 64, 128, 128))
+    point_inputs = {"point_coords": torch.full((2, 1, 2), 500.0), "point_labels": torch.ones(2, 1, dtype=torch.int32)}
+    with torch.inference_mode(), pytest.raises(ValueError, match="point_coords"):
+        tiny.sam_heads(embed, high_res, point_inputs)
+
+
+def test_forward_image_double_input_is_cast(tiny):
+    """float64 frames (a common numpy default) work: they are cast to the weights' dtype."""
+    x = torch.rand(1, 3, 1024, 1024, generator=torch.Generator().manual_seed(0))
+    with torch.inference_mode():
+        a = tiny.forward_image(x)["vision_features"]
+        b = tiny.forward_image(x.double())["vision_features"]
+    assert b.dtype == torch.float32
+    assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("mask_shape", [(1, 1, 256, 256), (3, 1, 256, 256), (2, 256, 256)])
+def test_sam_heads_mask_batch_mismatch(tiny, mask_shape):
+    feats = torch.randn(2, 256, 64, 64)
+    high_res = (torch.randn(2, 32, 256, 256), torch.randn(2, 64, 128, 128))
+    with pytest.raises(ValueError, match="mask_inputs") as info:
+        tiny.sam_heads(feats, high_res, None, torch.randn(mask_shape))
+    assert str(tuple(mask_shape)) in str(info.value)

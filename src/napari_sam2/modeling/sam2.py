@@ -106,7 +106,8 @@ class SAM2(nn.Module):
             raise TypeError(
                 f"forward_image expects a float tensor (normalised with ImageNet mean/std), got {image.dtype}."
             )
-        out = self.image_encoder(image)
+        # float64 / float16 input is cast to the weights' dtype (autocast handles bf16 on CUDA)
+        out = self.image_encoder(image.to(self.no_mem_embed.dtype))
         fpn = list(out["backbone_fpn"])
         fpn[0] = self.sam_mask_decoder.conv_s0(fpn[0])
         fpn[1] = self.sam_mask_decoder.conv_s1(fpn[1])
@@ -152,6 +153,8 @@ class SAM2(nn.Module):
             labels = -torch.ones(b, 1, dtype=torch.int32, device=embed.device)
         mask_prompt = None
         if mask_inputs is not None:
+            if mask_inputs.ndim != 4 or tuple(mask_inputs.shape[:2]) != (b, 1):
+                raise ValueError(f"mask_inputs must be B x 1 x H x W with B = {b}, got {tuple(mask_inputs.shape)}.")
             size = self.sam_prompt_encoder.mask_input_size
             mask_prompt = mask_inputs
             if tuple(mask_inputs.shape[-2:]) != size:

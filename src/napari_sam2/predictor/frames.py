@@ -82,7 +82,12 @@ class FrameSource:
                 )
             self.range = (0.0, 255.0)
         elif isinstance(normalize, str) and normalize == "percentile":
-            self.range = percentile_range(self.data, *percentiles)
+            sample = self.data
+            if self.rgb:
+                # one range for the three channels: lay them side by side as one grey frame
+                t, y, x, c = sample.shape
+                sample = sample.transpose(0, 1, 3, 2).reshape(t, y, c * x)
+            self.range = percentile_range(sample, *percentiles)
         elif isinstance(normalize, (tuple, list)) and len(normalize) == 2:
             self.range = (float(normalize[0]), float(normalize[1]))
         else:

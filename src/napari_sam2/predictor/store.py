@@ -92,17 +92,21 @@ class FrameStore:
 
     def pop(self, t: int, default=None):
         entry = self.get(t, default)
+        self.discard(t)
+        return entry
+
+    def discard(self, t: int) -> None:
+        """Forget frame t without reading it back from disk."""
         if t in self:
             self._ram.pop(t, None)
             self._has[t] = False
             if self._on_disk[t]:
                 os.remove(self._path(t))
                 self._on_disk[t] = False
-        return entry
 
     def clear(self) -> None:
         for t in self.frames():
-            self.pop(t)
+            self.discard(t)
 
     def _evict(self, keep: int | None = None) -> None:
         while len(self._ram) > self.ram_frames:
@@ -113,8 +117,15 @@ class FrameStore:
             del self._ram[t]
             if self.spill_dir is None:
                 self._has[t] = False
-            else:
-                torch.save(entry, self._path(t))
+            elif not self._on_disk[t]:  # an entry read back from disk is still there unchanged
+                try:
+                    torch.save(entry, self._path(t))
+                except OSError as e:
+                    raise OSError(
+                        e.errno,
+                        f"could not spill tracked frame {t} to {self.spill_dir} ({e.strerror}): free disk space, "
+                        "pass spill_dir= on a larger disk, or use history='ram'",
+                    ) from e
                 self._on_disk[t] = True
 
 

@@ -121,6 +121,10 @@ class VideoPredictor:
         are dropped (bounded RAM and no disk, for one-pass batch runs).
     ram_frames
         Tracked frames per object kept in RAM (at least 16: what one step reads).
+    add_all_frames_to_correct_as_cond
+        A correction click on a tracked frame makes it a conditioning frame, so that a later
+        propagation over it keeps the correction (off by default, as in the official predictor, where
+        re-propagating through a corrected frame overwrites it; the napari plugin turns it on).
     """
 
     def __init__(
@@ -131,6 +135,7 @@ class VideoPredictor:
         history: str = "disk",
         ram_frames: int = 16,
         spill_dir: str | None = None,
+        add_all_frames_to_correct_as_cond: bool = False,
     ):
         if history not in ("disk", "ram"):
             raise ValueError(f"history must be 'disk' or 'ram', got {history!r}")
@@ -141,6 +146,7 @@ class VideoPredictor:
         self.history = history
         self.ram_frames = max(ram_frames, 16)
         self.spill_dir = spill_dir
+        self.add_all_frames_to_correct_as_cond = add_all_frames_to_correct_as_cond
 
     @property
     def device(self) -> torch.device:
@@ -309,6 +315,9 @@ class VideoPredictor:
             raise ValueError("give at least one prompt: points with labels, or a box.")
         pts = torch.zeros(0, 2) if points is None else torch.as_tensor(np.asarray(points, dtype=np.float32))
         lab = torch.zeros(0, dtype=torch.int32) if labels is None else torch.as_tensor(np.asarray(labels)).to(torch.int32)
+        if pts.numel() == 0 and box is None:
+            raise ValueError("points is empty: give at least one point, or a box.")
+        pts = pts.reshape(0, 2) if pts.numel() == 0 else pts
         pts = pts.reshape(-1, 2) if pts.ndim == 3 and pts.shape[0] == 1 else pts
         lab = lab.reshape(-1) if lab.ndim == 2 and lab.shape[0] == 1 else lab
         if pts.ndim != 2 or pts.shape[-1] != 2:
@@ -340,9 +349,9 @@ class VideoPredictor:
     def _prepare_prompt(self, state: VideoState, obj: ObjectTrack, t: int):
         """Whether the prompt starts the object on t (else it corrects a tracked frame), its direction,
         and where its output goes."""
-        is_init = obj.tracked[t] == 0
+        is_init = bool(obj.tracked[t] == 0)
         reverse = bool(obj.tracked[t] == _REVERSE)
-        key = "cond" if is_init else "non_cond"
+        key = "cond" if is_init or self.add_all_frames_to_correct_as_cond else "non_cond"
         return is_init, reverse, key
 
     @torch.inference_mode()
@@ -369,6 +378,7 @@ class VideoPredictor:
         pts, lab = self._prompt_points(state, points, labels, box, normalize_coords)
         if box is not None and not clear_old_points:
             raise ValueError("a box must come before any click on a frame: use clear_old_points=True with a box.")
+        state.features(t)  # a frame that cannot be read fails here, before the session changes
         obj = self._object(state, obj_id, create=True)
         old = None if clear_old_points else obj.point_inputs.get(t)
         if old is not None:
@@ -410,6 +420,7 @@ class VideoPredictor:
         if m.shape[-2:] != (self.image_size, self.image_size):
             m = F.interpolate(m, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False, antialias=True)
             m = (m >= 0.5).float()
+        state.features(t)  # a frame that cannot be read fails here, before the session changes
         obj = self._object(state, obj_id, create=True)
         obj.mask_input_frames.add(t)
         obj.point_inputs.pop(t, None)
@@ -489,7 +500,7 @@ class VideoPredictor:
                     f"object {obj.obj_id!r} has no prompt on any frame: add points, a box or a mask for it, or remove it."
                 )
             for t in obj.cond:
-                obj.non_cond.pop(t)
+                obj.non_cond.discard(t)
 
     propagate_in_video_preflight = _preflight
 

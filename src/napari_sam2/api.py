@@ -1,0 +1,402 @@
+"""Notebook API: segment and track objects through a time-lapse in one call.
+
+>>> from napari_sam2 import segment_stack
+>>> result = segment_stack("movie.tif", points=[[0, 120, 80], [0, 40, 200]])   # doctest: +SKIP
+>>> result.labels.shape, result.tracks.head()                                   # doctest: +SKIP
+
+Labels are made and written frame by frame as the video predictor yields them: with ``out`` a path,
+nothing holds the whole video in memory.
+"""
+
+from __future__ import annotations
+
+import copy
+import inspect
+import os
+import time
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import pandas as pd
+
+from .io import Stack, ZarrLabelsWriter, open_stack, percentile_range, select
+from .prompts import Prompts, build_prompts
+from .tracking import TrackTable, ctc_tracks
+
+__all__ = ["segment_stack", "SegmentationResult", "open_video", "masks_to_labels", "DIRECTIONS", "LABEL_DTYPE"]
+
+DIRECTIONS = ("forward", "backward", "both")
+LABEL_DTYPE = np.dtype(np.uint32)
+
+
+@dataclass
+class SegmentationResult:
+    """What :func:`segment_stack` returns.
+
+    Attributes
+    ----------
+    labels : numpy.ndarray or zarr.Array, (T, Y, X) uint32
+        One label id per object, stable over time (0 = background). A read-only zarr array of
+        the OME-Zarr store when ``out`` was a path.
+    scores : dict of int to numpy.ndarray (T,)
+        Per object, SAM2's object-present logit on every frame (> 0: present, <= 0: occluded or
+        gone; NaN on frames that were not tracked).
+    tracks : pandas.DataFrame
+        One row per object and frame where it has pixels (see :mod:`napari_sam2.tracking`):
+        ``t, label, y, x, area, bbox_y0, bbox_x0, bbox_y1, bbox_x1, score``.
+    obj_ids : list of int
+        The objects tracked (prompted, or seeded by the automatic mask generator).
+    path : pathlib.Path or None
+        The OME-Zarr store, when ``out`` was a path.
+    seconds : float
+        Wall time of the call.
+    """
+
+    labels: Any
+    scores: dict[int, np.ndarray]
+    tracks: pd.DataFrame
+    obj_ids: list[int]
+    path: Path | None = None
+    seconds: float = 0.0
+    axes: str = field(default="TYX", repr=False)
+
+    @property
+    def n_frames(self) -> int:
+        return int(self.labels.shape[0])
+
+    @property
+    def n_objects(self) -> int:
+        return len(self.obj_ids)
+
+    def scores_table(self) -> pd.DataFrame:
+        """The scores as a table: one row per frame, one column per object id."""
+        return pd.DataFrame({obj: s for obj, s in self.scores.items()}, index=pd.RangeIndex(self.n_frames, name="t"))
+
+    def to_tiff(self, path: str | os.PathLike, overwrite: bool = False, **kwargs) -> Path:
+        """Write the labels as a compressed ImageJ TIFF (streamed frame by frame)."""
+        from .io import write_tiff_labels
+
+        return write_tiff_labels(path, self.labels, overwrite=overwrite, **kwargs)
+
+    def to_ctc(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write a Cell Tracking Challenge result folder (``mask000.tif``..., ``res_track.txt``)."""
+        from .io import write_ctc
+
+        return write_ctc(path, self.labels, tracks=ctc_tracks(self.tracks), overwrite=overwrite)
+
+    def to_csv(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
+        """Write the tracks table as CSV."""
+        from .io import write_tracks_csv
+
+        return write_tracks_csv(path, self.tracks, overwrite=overwrite)
+
+    def __repr__(self) -> str:
+        where = f", path='{self.path}'" if self.path else ""
+        return (f"SegmentationResult(labels {tuple(self.labels.shape)} {self.labels.dtype}, "
+                f"{self.n_objects} objects, {len(self.tracks)} track rows{where}, {self.seconds:.1f} s)")
+
+
+# ------------------------------------------------------------------------------------ helpers
+def open_video(stack: Any, axes: str | None = None, channel: int | None = None) -> tuple[Stack, tuple[int, int, int]]:
+    """Open any source as the video to segment: a ``TYX`` stack (``TYXC`` for RGB) and ``(T, Y, X)``.
+
+    Raises the readers' errors (``FileNotFoundError``, ``StackReadError``, ``ValueError`` for axes
+    that do not fit or a channel out of range) before anything heavy happens.
+    """
+    opened = open_stack(stack, axes=axes)
+    rgb = channel is None and "C" in opened.axes and opened.size("C") == 3 and set(opened.axes) <= set("TCYX")
+    if rgb:  # keep the colours together, frames as (Y, X, 3)
+        data = opened.data if "T" in opened.axes else opened.data[None]
+        video = Stack(data=data.transpose(0, 2, 3, 1), axes="TYXC", path=opened.path, metadata=dict(opened.metadata))
+    else:
+        video = select(opened, channel=channel)
+    t = video.size("T")
+    shape = (int(t), video.size("Y"), video.size("X"))
+    if shape[0] == 0:
+        raise ValueError("the stack has 0 frames: nothing to segment")
+    return video, shape
+
+
+def masks_to_labels(mask_logits, obj_ids) -> np.ndarray:
+    """``N x 1 x H x W`` (or ``N x H x W``) mask logits -> ``(H, W)`` uint32 labels.
+
+    Each pixel gets the object with the highest positive logit (no overlap); its label is the
+    object's id. Pixels where no logit is positive are 0.
+    """
+    import torch
+
+    logits = torch.as_tensor(mask_logits)
+    if logits.ndim == 4:
+        logits = logits[:, 0]
+    if logits.ndim != 3:
+        raise ValueError(f"mask logits must be N x 1 x H x W, got shape {tuple(logits.shape)}")
+    if logits.shape[0] == 0:
+        return np.zeros(tuple(logits.shape[-2:]), dtype=LABEL_DTYPE)
+    best, index = logits.float().max(dim=0)
+    ids = torch.as_tensor(np.asarray(obj_ids, dtype=np.int64))
+    labels = ids[index]
+    labels[best <= 0] = 0
+    return labels.numpy().astype(LABEL_DTYPE, copy=False)
+
+
+class _ArraySink:
+    """Write frames into an array-like (numpy, zarr, a napari Labels layer's data)."""
+
+    def __init__(self, array):
+        self.array = array
+
+    def write(self, t: int, frame: np.ndarray) -> None:
+        self.array[t] = frame
+
+    def close(self):
+        return None
+
+    def abort(self) -> None:
+        pass
+
+
+def _sink(out: Any, shape: tuple[int, int, int], overwrite: bool):
+    """(sink, path): where label frames go as they are made."""
+    if out is None:
+        return _ArraySink(np.zeros(shape, dtype=LABEL_DTYPE)), None
+    if isinstance(out, (str, os.PathLike)):
+        path = Path(out).expanduser()
+        return ZarrLabelsWriter(path, shape, dtype=LABEL_DTYPE, overwrite=overwrite), path
+    if hasattr(out, "shape") and hasattr(out, "__setitem__"):
+        if tuple(out.shape) != tuple(shape):
+            raise ValueError(f"out has shape {tuple(out.shape)} but the labels are {shape} (T, Y, X)")
+        return _ArraySink(out), None
+    raise TypeError(f"out must be None, a path (an OME-Zarr store is written there) or a (T, Y, X) array, got {type(out).__name__}")
+
+
+def _auto_parameters(auto: dict | None) -> tuple[dict, int | None]:
+    from .predictor.amg import AutomaticMaskGenerator
+
+    params = dict(auto or {})
+    max_objects = params.pop("max_objects", None)
+    if max_objects is not None and int(max_objects) < 1:
+        raise ValueError(f"auto['max_objects'] must be >= 1, got {max_objects}")
+    allowed = [p for p, v in inspect.signature(AutomaticMaskGenerator).parameters.items()
+               if v.kind is not inspect.Parameter.VAR_KEYWORD and p != "model"]
+    unknown = sorted(set(params) - set(allowed))
+    if unknown:
+        raise ValueError(f"unknown automatic mask generator parameter(s) {', '.join(unknown)} in auto=; "
+                         f"valid: {', '.join(allowed + ['max_objects'])}")
+    if params.get("output_mode", "binary_mask") != "binary_mask":
+        raise ValueError("auto['output_mode'] cannot be changed: seeding needs binary masks")
+    params["output_mode"] = "binary_mask"
+    return params, (None if max_objects is None else int(max_objects))
+
+
+def _seed_automatically(predictor, state, video: Stack, frame: int, auto: dict | None, rgb: bool) -> list[int]:
+    """Seed objects on ``frame`` with the automatic mask generator; returns their ids (1..N)."""
+    from .predictor.amg import AutomaticMaskGenerator
+
+    params, max_objects = _auto_parameters(auto)
+    if not rgb and params.get("intensity_range") is None:
+        params["intensity_range"] = percentile_range(video.data)  # the stack's range, as the video predictor
+    generator = AutomaticMaskGenerator(predictor.model, **params)
+    image = video.data[frame]
+    image = np.asarray(image.compute() if hasattr(image, "compute") else image)
+    records = sorted(generator.generate(image), key=lambda r: -r["predicted_iou"])
+    if max_objects is not None:
+        records = records[:max_objects]
+    ids = []
+    for obj_id, record in enumerate(records, start=1):
+        predictor.add_new_mask(state, frame_idx=frame, obj_id=obj_id, mask=record["segmentation"])
+        ids.append(obj_id)
+    return ids
+
+
+def _predictor_for_run(predictor, needs_history: bool):
+    """The predictor, with history="ram" when no pass re-reads another pass's frames (no spill to disk)."""
+    if needs_history or getattr(predictor, "history", None) != "disk":
+        return predictor
+    light = copy.copy(predictor)  # shares the model; only the session settings differ
+    light.history = "ram"
+    return light
+
+
+def _progress_bar(progress, total: int, desc: str):
+    from tqdm.auto import tqdm
+
+    label = progress if isinstance(progress, str) else desc
+    return tqdm(total=total, desc=label, unit="frame", disable=not progress, leave=True)
+
+
+# ------------------------------------------------------------------------------------ the call
+def segment_stack(
+    stack,
+    points=None,
+    boxes=None,
+    masks=None,
+    *,
+    obj_ids=None,
+    positive=None,
+    box_ids=None,
+    mask_frame: int = 0,
+    model: str = "sam2.1_hiera_tiny",
+    checkpoint: str | os.PathLike | None = None,
+    device: str = "auto",
+    image_size: int | None = None,
+    axes: str | None = None,
+    channel: int | None = None,
+    direction: str = "both",
+    auto: dict | None = None,
+    out=None,
+    overwrite: bool = False,
+    predictor=None,
+    progress: bool | str = True,
+    callback: Callable[[int, np.ndarray], Any] | None = None,
+) -> SegmentationResult:
+    """Segment and track objects through a time-lapse with SAM2.
+
+    Parameters
+    ----------
+    stack
+        A path (TIFF / OME-TIFF, Zarr / OME-Zarr, a folder of frames, a glob), a numpy / dask /
+        zarr array, or a :class:`napari_sam2.io.Stack`. Any dtype; ``(T, Y, X)`` or axes named by
+        ``axes``.
+    points
+        Clicks, napari order: an ``(N, 3)`` array ``t, y, x`` (a napari Points layer's data),
+        ``(N, 4)`` adding ``obj_id``, ``(N, 5)`` adding ``positive``; or a table (DataFrame, dict
+        of columns) with ``t, y, x`` and optionally ``obj_id``, ``positive``.
+    boxes
+        An ``(N, 5)`` array ``t, y0, x0, y1, x1`` (``(N, 6)`` adding ``obj_id``), napari Shapes
+        rectangles ``(N, 4, 3)``, or a table with those columns.
+    masks
+        A label image of one frame ``(Y, X)``: every label becomes the mask prompt of the object
+        with that id, on frame ``mask_frame``.
+    obj_ids, positive
+        Per point: the object id, and True for a click on the object / False on background
+        (instead of columns). Points without ids are objects of their own.
+    box_ids
+        Per box: the object id.
+    mask_frame
+        The frame of ``masks``, and the frame seeded automatically when there is no prompt.
+    model, checkpoint, device, image_size
+        Which network: a registry name (``napari-sam2 models``), a checkpoint file (default: the
+        official one, downloaded once), ``"cpu"``/``"cuda"``/``"mps"``/``"auto"``, and the network
+        input size (default 1024; a multiple of 64, smaller is faster).
+    axes, channel
+        Axes of the source (e.g. ``"TCYX"``) and the channel to segment.
+    direction
+        ``"forward"`` (from the earliest prompted frame to the end), ``"backward"`` (from the latest
+        prompted frame to the start) or ``"both"``. Frames no pass reaches stay 0.
+    auto
+        Parameters of :class:`napari_sam2.AutomaticMaskGenerator` for seeding objects when no
+        prompt is given (e.g. ``dict(points_per_side=16, min_area=50)``), plus ``max_objects``.
+    out
+        ``None``: labels in memory (numpy). A path: an OME-Zarr store written frame by frame (one
+        chunk per frame), appearing under its name only when complete. An array-like of shape
+        ``(T, Y, X)``: filled in place.
+    overwrite
+        Replace an existing store at ``out``.
+    predictor
+        A ready :class:`napari_sam2.VideoPredictor` to reuse (then ``model``, ``checkpoint``,
+        ``device`` and ``image_size`` are not used).
+    progress
+        Show a progress bar (a string: its label).
+    callback
+        Called as ``callback(t, labels_t)`` after each frame is written.
+
+    Returns
+    -------
+    SegmentationResult
+        ``labels``, ``scores``, ``tracks``, ``obj_ids``, ``path``.
+
+    Raises
+    ------
+    FileNotFoundError, napari_sam2.io.StackReadError
+        The stack cannot be read.
+    napari_sam2.prompts.PromptError
+        Prompts that are malformed or outside the stack (the message names the row).
+    ValueError
+        Axes that do not fit the data, a channel out of range, a bad direction.
+    """
+    start = time.perf_counter()
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    video, (n_frames, height, width) = open_video(stack, axes=axes, channel=channel)
+    rgb = video.axes == "TYXC"
+    prompts: Prompts = build_prompts(points, boxes, masks, obj_ids=obj_ids, positive=positive,
+                                     box_ids=box_ids, mask_frame=mask_frame)
+    prompts.check(n_frames, height, width)
+    if not prompts:
+        if not 0 <= int(mask_frame) < n_frames:
+            raise ValueError(f"mask_frame={mask_frame} (the frame seeded automatically) is outside the stack "
+                             f"(frames 0..{n_frames - 1})")
+        _auto_parameters(auto)  # fail on bad parameters before building the model
+        first = last = int(mask_frame)
+    else:
+        if auto:
+            raise ValueError("auto= seeds objects when no prompt is given; prompts were given too: drop one")
+        first, last = prompts.frames[0], prompts.frames[-1]
+
+    passes: list[tuple[int, bool]] = []
+    if direction in ("forward", "both"):
+        passes.append((first, False))
+    if direction == "backward" or (direction == "both" and last > 0):
+        passes.append((last, True))
+    # the backward pass reads frames the forward pass tracked only when their spans overlap
+    needs_history = len(passes) == 2 and last < n_frames - 1
+    total = int(sum((s + 1) if reverse else (n_frames - s) for s, reverse in passes))
+
+    if predictor is None:
+        from .predictor.video import build_video_predictor
+
+        predictor = build_video_predictor(model, checkpoint=checkpoint, device=device, image_size=image_size)
+    run = _predictor_for_run(predictor, needs_history)
+
+    sink, path = _sink(out, (n_frames, height, width), overwrite)
+    table = TrackTable()
+    ids: list[int] = []
+    scores: dict[int, np.ndarray] = {}
+    name = Path(str(getattr(video, "path", "") or "")).name or "segment"
+    try:
+        state = run.init_state(video)
+        try:
+            if prompts:
+                prompts.apply(run, state, width=width, height=height)
+                ids = prompts.obj_ids
+            else:
+                ids = _seed_automatically(run, state, video, first, auto, rgb)
+                if not ids:
+                    warnings.warn(f"the automatic mask generator found no object on frame {first}: the labels are "
+                                  "empty. Lower auto['pred_iou_thresh'] / auto['stability_score_thresh'] or give prompts.",
+                                  RuntimeWarning, stacklevel=2)
+            with _progress_bar(progress, total if ids else 0, name) as bar:
+                if ids:
+                    for s, reverse in passes:
+                        for t, frame_ids, logits in run.propagate_in_video(state, start_frame_idx=s, reverse=reverse):
+                            frame = masks_to_labels(logits, frame_ids)
+                            sink.write(t, frame)
+                            table.update(t, frame)
+                            if callback is not None:
+                                callback(t, frame)
+                            bar.update(1)
+            for obj in ids:
+                scores[obj] = np.array(state.object_score_logits(obj), dtype=np.float32, copy=True)
+        finally:
+            run.close(state)
+        if isinstance(sink, ZarrLabelsWriter):
+            # frames no pass reached are background: write them so the store is complete
+            empty = np.zeros((height, width), dtype=LABEL_DTYPE)
+            for t in sink.missing_frames:
+                sink.write(t, empty)
+    except BaseException:
+        sink.abort()
+        raise
+    sink.close()
+    if path is not None:
+        import zarr
+
+        labels = zarr.open_group(str(path), mode="r")["0"]
+    else:
+        labels = sink.array
+    scores = {obj: scores.get(obj, np.full(n_frames, np.nan, np.float32)) for obj in ids}
+    return SegmentationResult(labels=labels, scores=scores, tracks=table.to_dataframe(scores), obj_ids=list(ids),
+                              path=path, seconds=time.perf_counter() - start)

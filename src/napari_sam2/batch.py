@@ -1,0 +1,345 @@
+"""Segment many stacks: one output per input, resumable, failures isolated, optionally on Dask.
+
+Used by the ``napari-sam2 segment`` command (:mod:`napari_sam2.cli`); usable from Python too:
+
+>>> jobs = make_jobs(["a.tif", "b.tif"], "results", options={"checkpoint": "ckpt.pt"}, auto={})  # doctest: +SKIP
+>>> results = run_batch(jobs)                                                                    # doctest: +SKIP
+>>> print(format_summary(results))                                                               # doctest: +SKIP
+
+Every input gives ``OUT/NAME.ome.zarr`` (or ``NAME.tif``, or the CTC folder ``NAME_RES``) and
+``OUT/NAME.tracks.csv``, written under temporary names and renamed when complete; the tracks CSV
+is written last, so an input whose CSV exists is finished (``skip_existing``).
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import tempfile
+import threading
+import time
+import traceback
+import warnings
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable
+
+__all__ = [
+    "FORMATS", "Job", "expand_inputs", "output_names", "output_paths", "make_jobs",
+    "run_one", "run_batch", "summary_frame", "format_summary", "find_prompts_file",
+]
+
+FORMATS = ("zarr", "tiff", "ctc")
+_SUFFIXES = {"zarr": ".ome.zarr", "tiff": ".tif", "ctc": "_RES"}
+_MODEL_OPTIONS = ("model", "checkpoint", "device", "image_size")
+_STACK_SUFFIXES = (".ome.tiff", ".ome.tif", ".ome.zarr", ".tiff", ".tif", ".zarr", ".png", ".jpeg", ".jpg")
+
+
+@dataclass
+class Job:
+    """One input of a batch and everything needed to segment it (picklable, for Dask workers)."""
+
+    input: str
+    name: str
+    out_dir: str
+    format: str = "zarr"
+    prompts: str | None = None
+    auto: dict | None = None
+    options: dict = field(default_factory=dict)
+    overwrite: bool = False
+    skip_existing: bool = False
+    threads: int | None = None
+    progress: bool = True
+    error: str | None = None  # known to fail before running (e.g. an input that does not exist)
+
+
+# ------------------------------------------------------------------------------------ inputs
+def expand_inputs(items: Iterable[str]) -> list[tuple[str, str | None]]:
+    """``(input, error)`` per input: existing files and folders as they are, globs expanded (in
+    natural order), and an error for names that match nothing. Duplicates are dropped."""
+    from .io.frame_folder import natural_key
+
+    out: list[tuple[str, str | None]] = []
+    seen: set[str] = set()
+
+    def add(path: str, error: str | None = None) -> None:
+        key = os.path.abspath(path) if error is None else path
+        if key not in seen:
+            seen.add(key)
+            out.append((path, error))
+
+    for item in items:
+        text = os.fspath(item)
+        if os.path.exists(text):
+            add(text)
+        elif any(ch in text for ch in "*?["):
+            matches = sorted(glob.glob(text), key=lambda p: natural_key(os.path.basename(p)))
+            matches = [m for m in matches if not os.path.basename(m).startswith(".")]
+            if not matches:
+                add(text, f"no files match the pattern '{text}'")
+            for m in matches:
+                add(m)
+        else:
+            add(text, f"input '{text}' does not exist (working directory: '{os.getcwd()}')")
+    return out
+
+
+def _stem(path: str) -> str:
+    name = os.path.basename(os.path.normpath(path)) or "input"
+    lower = name.lower()
+    for suffix in _STACK_SUFFIXES:
+        if lower.endswith(suffix) and len(name) > len(suffix):
+            return name[: -len(suffix)]
+    return os.path.splitext(name)[0] or name
+
+
+def output_names(inputs: list[str]) -> list[str]:
+    """An output name per input, named after it (``movie.ome.tif`` -> ``movie``); inputs with the same
+    name get their parent folder's name as prefix (``01/t.tif``, ``02/t.tif`` -> ``01_t``, ``02_t``)."""
+    names = [_stem(p) for p in inputs]
+    counts: dict[str, int] = {}
+    for n in names:
+        counts[n] = counts.get(n, 0) + 1
+    out = []
+    for path, n in zip(inputs, names):
+        if counts[n] > 1:
+            parent = os.path.basename(os.path.dirname(os.path.abspath(os.path.normpath(path))))
+            n = f"{parent}_{n}" if parent else n
+        out.append(n)
+    final, used = [], set()
+    for n in out:
+        candidate, k = n, 2
+        while candidate in used:
+            candidate, k = f"{n}_{k}", k + 1
+        used.add(candidate)
+        final.append(candidate)
+    return final
+
+
+def output_paths(out_dir: str | os.PathLike, name: str, fmt: str) -> dict[str, Path]:
+    """``{"labels": ..., "tracks": ...}`` of one input's outputs."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    out = Path(out_dir)
+    return {"labels": out / f"{name}{_SUFFIXES[fmt]}", "tracks": out / f"{name}.tracks.csv"}
+
+
+def find_prompts_file(prompts: str | None, input_path: str, name: str) -> str | None:
+    """The prompts file of one input: ``prompts`` itself, or, when it is a folder, the file there
+    named after the input (``NAME.csv``, ``.json``, ``.tif`` or ``.tiff``)."""
+    from .prompts import PROMPT_FILE_SUFFIXES, PromptError
+
+    if prompts is None or not os.path.isdir(prompts):
+        return prompts
+    stems = [name, _stem(input_path), os.path.basename(os.path.normpath(input_path))]
+    tried = []
+    for stem in dict.fromkeys(stems):
+        for suffix in PROMPT_FILE_SUFFIXES:
+            candidate = os.path.join(prompts, stem + suffix)
+            tried.append(os.path.basename(candidate))
+            if os.path.isfile(candidate):
+                return candidate
+    raise PromptError(f"no prompts file for input '{input_path}' in folder '{prompts}' (looked for {', '.join(tried)})")
+
+
+def make_jobs(items: Iterable[str], out_dir: str | os.PathLike, *, fmt: str = "zarr", prompts: str | None = None,
+              auto: dict | None = None, options: dict | None = None, overwrite: bool = False,
+              skip_existing: bool = False, threads: int | None = None, progress: bool = True) -> list[Job]:
+    """One :class:`Job` per input (see :func:`expand_inputs`); ``options`` are :func:`segment_stack`
+    keyword arguments (``model``, ``checkpoint``, ``device``, ``image_size``, ``axes``, ``channel``,
+    ``direction``, ``mask_frame``)."""
+    if fmt not in FORMATS:
+        raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
+    expanded = expand_inputs(items)
+    names = output_names([p for p, _ in expanded])
+    return [Job(input=p, name=n, out_dir=os.fspath(out_dir), format=fmt, prompts=prompts, auto=auto,
+                options=dict(options or {}), overwrite=overwrite, skip_existing=skip_existing, threads=threads,
+                progress=progress, error=err)
+            for (p, err), n in zip(expanded, names)]
+
+
+# ------------------------------------------------------------------------------------ running
+_PREDICTORS: dict[tuple, Any] = {}
+_PREDICTORS_LOCK = threading.Lock()
+
+
+def _predictor(options: dict):
+    """One video predictor per model setting per process (a Dask worker keeps its model)."""
+    from .predictor.video import build_video_predictor
+
+    key = tuple(str(options.get(k)) for k in _MODEL_OPTIONS)
+    with _PREDICTORS_LOCK:  # a worker with several threads builds its model once
+        if key not in _PREDICTORS:
+            _PREDICTORS.clear()  # one model at a time is enough
+            _PREDICTORS[key] = build_video_predictor(
+                options.get("model") or "sam2.1_hiera_tiny", checkpoint=options.get("checkpoint"),
+                device=options.get("device") or "auto", image_size=options.get("image_size"),
+            )
+        return _PREDICTORS[key]
+
+
+def _describe(exc: BaseException) -> str:
+    from .checkpoints import CheckpointError
+    from .io import OutputWriteError, StackReadError
+    from .prompts import PromptError
+
+    text = str(exc).strip() or type(exc).__name__
+    if isinstance(exc, (PromptError, StackReadError, OutputWriteError, CheckpointError, FileNotFoundError,
+                        FileExistsError, ValueError)):
+        return text
+    return f"{type(exc).__name__}: {text}"
+
+
+def _result(job: Job, status: str, start: float, **kw) -> dict:
+    row = {"input": job.input, "name": job.name, "status": status, "frames": None, "objects": None,
+           "seconds": round(time.perf_counter() - start, 2), "output": None, "error": None, "warnings": []}
+    row.update(kw)
+    return row
+
+
+def run_one(job: Job, predictor=None) -> dict:
+    """Segment one input and write its outputs; never raises for a bad input.
+
+    Returns
+    -------
+    dict
+        ``input, name, status ("ok", "skipped", "failed"), frames, objects, seconds, output, error,
+        warnings`` (e.g. automatic seeding found no object).
+    """
+    start = time.perf_counter()
+    if job.error:
+        return _result(job, "failed", start, error=job.error)
+    paths = output_paths(job.out_dir, job.name, job.format)
+    labels_done, tracks_done = paths["labels"].exists(), paths["tracks"].exists()
+    overwrite = job.overwrite
+    if job.skip_existing:
+        if labels_done and tracks_done:
+            return _result(job, "skipped", start, output=str(paths["labels"]), error=None)
+        overwrite = overwrite or labels_done or tracks_done  # an unfinished earlier run: redo it
+    try:
+        from .prompts import read_prompts_file
+
+        if job.threads:
+            import torch
+
+            torch.set_num_threads(int(job.threads))
+        for p in paths.values():
+            if p.exists() and not overwrite:
+                raise FileExistsError(f"'{p}' already exists; use --skip-existing to keep finished outputs "
+                                      "or --overwrite to replace them")
+        kwargs = {k: v for k, v in job.options.items() if k not in _MODEL_OPTIONS and v is not None}
+        prompts_file = find_prompts_file(job.prompts, job.input, job.name)
+        if prompts_file is not None:
+            kwargs.update({k: v for k, v in read_prompts_file(prompts_file).items() if v is not None})
+        else:
+            kwargs["auto"] = job.auto or None
+        model = predictor if predictor is not None else _predictor(job.options)
+        progress = job.name if job.progress else False
+        with warnings.catch_warnings(record=True) as caught:  # reported in the summary, not as tracebacks
+            warnings.simplefilter("always", RuntimeWarning)
+            result = _segment(job, paths, overwrite, model, progress, kwargs)
+        notes = list(dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)))
+        result.to_csv(paths["tracks"], overwrite=overwrite)  # last: its presence marks the input as finished
+        return _result(job, "ok", start, frames=result.n_frames, objects=result.n_objects, output=str(paths["labels"]),
+                       warnings=notes)
+    except (KeyboardInterrupt, SystemExit):
+        raise
+    except BaseException as exc:  # noqa: BLE001 - a failing input must not stop the batch
+        if os.environ.get("NAPARI_SAM2_DEBUG"):
+            traceback.print_exc()
+        return _result(job, "failed", start, error=_describe(exc))
+
+
+def _segment(job: Job, paths: dict, overwrite: bool, model, progress, kwargs: dict):
+    """Run segment_stack for one job and write its labels in the job's format."""
+    from .api import segment_stack
+
+    work = None
+    try:
+        if job.format == "zarr":
+            result = segment_stack(job.input, out=paths["labels"], overwrite=overwrite, predictor=model,
+                                   progress=progress, **kwargs)
+        else:
+            # labels stream into a hidden zarr store first (frames come in any order), then to TIFF / CTC
+            Path(job.out_dir).mkdir(parents=True, exist_ok=True)
+            work = tempfile.mkdtemp(prefix=f".{job.name}.partial-", dir=job.out_dir)
+            result = segment_stack(job.input, out=os.path.join(work, "labels.ome.zarr"), predictor=model,
+                                   progress=progress, **kwargs)
+            if job.format == "tiff":
+                result.to_tiff(paths["labels"], overwrite=overwrite)
+            else:
+                result.to_ctc(paths["labels"], overwrite=overwrite)
+    finally:
+        if work is not None:
+            shutil.rmtree(work, ignore_errors=True)
+    return result
+
+
+def run_batch(jobs: list[Job], scheduler: str | None = None, predictor=None, progress: bool = True) -> list[dict]:
+    """Run every job; returns one result per job, in the jobs' order.
+
+    ``scheduler``: the address of a running Dask distributed scheduler (e.g. ``"tcp://10.0.0.5:8786"``);
+    every input becomes one task there. ``None``: one after the other in this process, sharing
+    ``predictor`` (built once when not given).
+    """
+    from tqdm.auto import tqdm
+
+    results: list[dict | None] = [None] * len(jobs)
+    with tqdm(total=len(jobs), desc="inputs", unit="stack", disable=not progress, position=0) as bar:
+        if scheduler is None:
+            for i, job in enumerate(jobs):
+                results[i] = run_one(job, predictor=predictor)
+                bar.update(1)
+                bar.set_postfix_str(f"{sum(r['status'] == 'failed' for r in results if r)} failed")
+        else:
+            from distributed import Client, as_completed
+
+            with Client(scheduler, timeout="30s") as client:
+                remote = [Job(**{**asdict(j), "progress": False}) for j in jobs]
+                futures = {client.submit(run_one, job, pure=False, key=f"napari-sam2-{i}-{job.name}"): i
+                           for i, job in enumerate(remote)}
+                for future in as_completed(futures):
+                    i = futures[future]
+                    try:
+                        results[i] = future.result()
+                    except Exception as exc:  # a worker died, or the task could not run at all
+                        start = time.perf_counter()
+                        results[i] = _result(jobs[i], "failed", start, error=f"task failed on the cluster: {_describe(exc)}")
+                        results[i]["seconds"] = None
+                    bar.update(1)
+    return [r for r in results if r is not None]
+
+
+# ------------------------------------------------------------------------------------ summary
+def summary_frame(results: list[dict]):
+    """The results as a pandas DataFrame (``input, status, frames, objects, seconds, output, error, warnings``)."""
+    import pandas as pd
+
+    cols = ["input", "status", "frames", "objects", "seconds", "output", "error", "warnings"]
+    rows = [{**{c: r.get(c) for c in cols}, "warnings": "; ".join(r.get("warnings") or []) or None} for r in results]
+    return pd.DataFrame(rows, columns=cols)
+
+
+def format_summary(results: list[dict]) -> str:
+    """A plain-text table: input, status, frames, objects, seconds, output or error."""
+    header = ["input", "status", "frames", "objects", "seconds", "output or error"]
+    rows = []
+    for r in results:
+        def cell(v, fmt="{}"):
+            return "-" if v is None else fmt.format(v)
+        rows.append([r["input"], r["status"], cell(r.get("frames")), cell(r.get("objects")),
+                     cell(r.get("seconds"), "{:.1f}"), r.get("error") or r.get("output") or "-"])
+    widths = [max(len(str(x)) for x in col) for col in zip(header, *rows)][:-1]
+    lines = []
+    for row in [header] + rows:
+        lines.append("  ".join(str(x).ljust(w) for x, w in zip(row[:-1], widths)) + "  " + str(row[-1]))
+    lines.insert(1, "  ".join("-" * w for w in widths) + "  " + "-" * len(header[-1]))
+    n_ok = sum(r["status"] == "ok" for r in results)
+    n_skip = sum(r["status"] == "skipped" for r in results)
+    n_fail = sum(r["status"] == "failed" for r in results)
+    for r in results:
+        for note in r.get("warnings") or []:
+            lines.append(f"warning: {r['input']}: {note}")
+    lines.append(f"{len(results)} inputs: {n_ok} ok, {n_skip} skipped, {n_fail} failed")
+    return "\n".join(lines)

@@ -1,0 +1,255 @@
+"""The ``napari-sam2`` command (also ``python -m napari_sam2``).
+
+::
+
+    napari-sam2 segment INPUT... --out DIR (--prompts FILE_OR_DIR | --auto) [--format zarr|tiff|ctc] ...
+    napari-sam2 models
+    napari-sam2 download NAME
+
+Run ``napari-sam2 segment --help`` for every option. Exit status: 0 when every input succeeded (or
+was skipped), 1 when any input failed or the run could not start, 2 for a wrong command line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import tempfile
+from pathlib import Path
+
+__all__ = ["main", "build_parser"]
+
+_EPILOG_SEGMENT = """\
+inputs: TIFF / OME-TIFF files, Zarr / OME-Zarr stores, folders of frames (one stack per folder),
+and globs ("data/*.tif", quoted or expanded by the shell): every input is one stack.
+
+outputs, per input NAME (named after the input): OUT/NAME.ome.zarr, OUT/NAME.tif or the Cell
+Tracking Challenge folder OUT/NAME_RES (mask000.tif..., res_track.txt), plus OUT/NAME.tracks.csv;
+OUT/summary.csv lists every input's status.
+
+prompts (--prompts FILE, one file for every input, or a FOLDER with NAME.csv / .json / .tif per input):
+  CSV   t,y,x,obj_id,positive           (clicks; napari order; positive 1 = object, 0 = background)
+        t,y0,x0,y1,x1,obj_id            (boxes; may share a file with clicks)
+  JSON  {"points": [[t, y, x, obj_id, positive], ...], "boxes": [[t, y0, x0, y1, x1, obj_id], ...]}
+  TIFF  a label image of one frame: every label is the mask of the object with that id (--mask-frame)
+
+examples:
+  napari-sam2 segment data/*.tif --out results --prompts clicks.csv
+  napari-sam2 segment 01 02 --out results --auto --auto-param points_per_side=16 --format ctc
+  napari-sam2 segment data/*.tif --out results --auto --scheduler tcp://scheduler:8786 --skip-existing
+"""
+
+
+def _auto_param(text: str) -> tuple[str, object]:
+    if "=" not in text:
+        raise argparse.ArgumentTypeError(f"expected KEY=VALUE (e.g. points_per_side=16), got {text!r}")
+    key, value = text.split("=", 1)
+    key = key.strip().replace("-", "_")
+    try:
+        parsed = json.loads(value)
+    except json.JSONDecodeError:
+        parsed = value
+    return key, parsed
+
+
+def _positive_int(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected an integer, got {text!r}") from None
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {value}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    from . import __version__
+
+    parser = argparse.ArgumentParser(
+        prog="napari-sam2",
+        description="SAM2 (Segment Anything in Images and Videos) for microscopy time-lapses.",
+    )
+    parser.add_argument("--version", action="version", version=f"napari-sam2 {__version__}")
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    seg = sub.add_parser("segment", help="segment and track objects through stacks",
+                         description="Segment and track objects through one or many stacks, one output per input.",
+                         epilog=_EPILOG_SEGMENT, formatter_class=argparse.RawDescriptionHelpFormatter)
+    seg.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders of frames, Zarr stores or globs")
+    seg.add_argument("--out", "-o", required=True, metavar="DIR", help="output folder (created if missing)")
+    how = seg.add_mutually_exclusive_group(required=True)
+    how.add_argument("--prompts", metavar="FILE_OR_DIR", help="clicks / boxes (CSV, JSON) or a label TIFF of one frame; "
+                     "a folder: one file per input, named after it")
+    how.add_argument("--auto", action="store_true", help="no prompts: seed objects on the first frame (--mask-frame) "
+                     "with the automatic mask generator and track them all")
+    seg.add_argument("--auto-param", action="append", type=_auto_param, default=[], metavar="KEY=VALUE",
+                     help="automatic mask generator parameter, repeatable (points_per_side=16, pred_iou_thresh=0.7, "
+                     "min_area=50, max_objects=100, ...)")
+    seg.add_argument("--format", choices=("zarr", "tiff", "ctc"), default="zarr", help="labels as OME-Zarr (default), "
+                     "compressed ImageJ TIFF, or a Cell Tracking Challenge folder")
+    seg.add_argument("--model", default="sam2.1_hiera_tiny", help="registry name (see `napari-sam2 models`; default %(default)s)")
+    seg.add_argument("--checkpoint", metavar="PATH", help="checkpoint file (default: the official one, downloaded once)")
+    seg.add_argument("--device", choices=("cpu", "cuda", "mps", "auto"), default="auto", help="default %(default)s: cuda > mps > cpu")
+    seg.add_argument("--image-size", type=int, metavar="N", help="network input size, a multiple of 64 (default 1024; smaller is faster)")
+    seg.add_argument("--axes", metavar="AXES", help="axes of the inputs, e.g. TYX, TCYX, YXT (default: from the file)")
+    seg.add_argument("--channel", type=_positive_int, metavar="N", help="channel to segment (multichannel stacks)")
+    seg.add_argument("--direction", choices=("both", "forward", "backward"), default="both",
+                     help="propagate from the earliest prompted frame forward and/or the latest backward (default both)")
+    seg.add_argument("--mask-frame", type=_positive_int, default=0, metavar="T",
+                     help="frame of a label-image prompt, and the frame seeded by --auto (default 0)")
+    seg.add_argument("--skip-existing", action="store_true", help="skip inputs whose outputs are complete (resume a batch)")
+    seg.add_argument("--overwrite", action="store_true", help="replace existing outputs")
+    seg.add_argument("--scheduler", metavar="ADDRESS", help="send the inputs as tasks to this Dask distributed "
+                     "scheduler (e.g. tcp://10.0.0.5:8786); default: run here, one after the other")
+    seg.add_argument("--threads", type=_positive_int, metavar="N", help="torch CPU threads per process")
+    seg.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    sub.add_parser("models", help="list the models: name, version, size, cached or not, path",
+                   description="List the SAM2 models of the registry and whether their checkpoint is cached.")
+    dl = sub.add_parser("download", help="download a model's official checkpoint",
+                        description="Download a model's official checkpoint into the cache folder.")
+    dl.add_argument("name", metavar="NAME", help="registry name, e.g. sam2.1_hiera_tiny")
+    dl.add_argument("--force", action="store_true", help="download again even if cached")
+    return parser
+
+
+def _error(message: str) -> int:
+    print(f"napari-sam2: error: {message}", file=sys.stderr)
+    return 1
+
+
+def _check_out_dir(out: str) -> str | None:
+    """None if ``out`` can be created and written to, else why not."""
+    try:
+        Path(out).mkdir(parents=True, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=out, prefix=".napari-sam2-write-test-"):
+            pass
+    except OSError as exc:
+        reason = exc.strerror or str(exc)
+        return f"cannot write to the output folder '{out}': {reason}. Choose a folder you can write to."
+    return None
+
+
+def _segment(args: argparse.Namespace) -> int:
+    from .batch import format_summary, make_jobs, run_batch, summary_frame
+    from .modeling.configs import CONFIGS
+
+    if args.model not in CONFIGS:
+        return _error(f"unknown model {args.model!r}; choose one of: {', '.join(CONFIGS)}")
+    if args.image_size is not None and (args.image_size <= 0 or args.image_size % 64):
+        return _error(f"--image-size must be a positive multiple of 64, got {args.image_size}")
+    if args.auto_param and not args.auto:
+        return _error("--auto-param goes with --auto")
+    if args.checkpoint and not os.path.isfile(args.checkpoint):
+        return _error(f"checkpoint file '{args.checkpoint}' does not exist")
+    if args.overwrite and args.skip_existing:
+        return _error("--overwrite and --skip-existing contradict each other: choose one")
+    problem = _check_out_dir(args.out)
+    if problem:
+        return _error(problem)
+    auto = dict(args.auto_param) if args.auto else None
+    if auto:
+        from .api import _auto_parameters
+
+        try:
+            _auto_parameters(auto)
+        except ValueError as exc:
+            return _error(str(exc))
+    if args.prompts is not None:
+        if not os.path.exists(args.prompts):
+            return _error(f"prompts file '{args.prompts}' does not exist")
+        if os.path.isfile(args.prompts):
+            from .prompts import PromptError, read_prompts_file
+
+            try:
+                read_prompts_file(args.prompts)  # a broken file fails once, not once per input
+            except PromptError as exc:
+                return _error(str(exc))
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    options = {"model": args.model, "checkpoint": args.checkpoint, "device": args.device, "image_size": args.image_size,
+               "axes": args.axes, "channel": args.channel, "direction": args.direction, "mask_frame": args.mask_frame}
+    jobs = make_jobs(args.inputs, args.out, fmt=args.format, prompts=args.prompts, auto=auto, options=options,
+                     overwrite=args.overwrite, skip_existing=args.skip_existing, threads=args.threads,
+                     progress=not args.no_progress)
+    predictor = None
+    if args.scheduler is None and any(j.error is None for j in jobs):
+        from .predictor.video import build_video_predictor
+
+        try:  # once for the whole batch: a missing checkpoint is one clear error, not one per input
+            predictor = build_video_predictor(args.model, checkpoint=args.checkpoint, device=args.device,
+                                              image_size=args.image_size)
+        except Exception as exc:  # CheckpointError, DownloadError, ValueError (device)
+            return _error(f"could not load model {args.model}: {exc}")
+    try:
+        results = run_batch(jobs, scheduler=args.scheduler, predictor=predictor, progress=not args.no_progress)
+    except OSError as exc:  # e.g. no scheduler at that address
+        return _error(f"could not run on the Dask scheduler {args.scheduler!r}: {exc}")
+    print(format_summary(results))
+    try:
+        from .io import write_tracks_csv
+
+        write_tracks_csv(Path(args.out) / "summary.csv", summary_frame(results), overwrite=True)
+    except OSError as exc:
+        print(f"napari-sam2: warning: could not write summary.csv: {exc}", file=sys.stderr)
+    return 1 if any(r["status"] == "failed" for r in results) else 0
+
+
+def _models(args: argparse.Namespace) -> int:
+    from .checkpoints import REGISTRY, cache_dir, find_checkpoint
+    from .modeling.configs import CONFIGS
+
+    rows = [("name", "version", "size", "cached", "path")]
+    for name, entry in REGISTRY.items():
+        cfg = CONFIGS[name]
+        found = find_checkpoint(name)
+        if found is not None:
+            size = f"{cfg.size} ({found.stat().st_size / 2**20:.0f} MiB)"
+            rows.append((name, cfg.version, size, "yes", str(found)))
+        else:
+            rows.append((name, cfg.version, cfg.size, "no", str(cache_dir() / entry.filename)))
+    widths = [max(len(r[i]) for r in rows) for i in range(4)]
+    for row in rows:
+        print("  ".join(c.ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4])
+    print(f"\ncache folder: {cache_dir()} (set NAPARI_SAM2_CACHE to change it); ./model is searched too.")
+    return 0
+
+
+def _download(args: argparse.Namespace) -> int:
+    from .checkpoints import CheckpointError, download_checkpoint, find_checkpoint
+    from .modeling.configs import CONFIGS
+
+    if args.name not in CONFIGS:
+        return _error(f"unknown model {args.name!r}; choose one of: {', '.join(CONFIGS)}")
+    found = find_checkpoint(args.name)
+    if found is not None and not args.force:
+        print(f"{args.name} is already cached: {found} (use --force to download it again)")
+        return 0
+    try:
+        path = download_checkpoint(args.name, progress=True)
+    except CheckpointError as exc:
+        return _error(str(exc))
+    print(f"{args.name}: {path}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Entry point of ``napari-sam2``; returns the exit status."""
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    try:
+        return {"segment": _segment, "models": _models, "download": _download}[args.command](args)
+    except KeyboardInterrupt:
+        print("napari-sam2: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())
