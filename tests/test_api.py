@@ -75,8 +75,8 @@ class GroundTruthPredictor:
         self.model = model
         self.log: list[tuple] = []
 
-    def init_state(self, video, **kwargs):
-        self.log.append(("init", video.axes, tuple(video.shape), self.history))
+    def init_state(self, video, history=None, **kwargs):
+        self.log.append(("init", video.axes, tuple(video.shape), history or self.history))
         state = SimpleNamespace(objs={}, scores={})
         state.object_score_logits = lambda obj: state.scores[obj]
         return state

@@ -10,7 +10,6 @@ nothing holds the whole video in memory.
 
 from __future__ import annotations
 
-import copy
 import inspect
 import os
 import time
@@ -22,7 +21,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from .io import Stack, ZarrLabelsWriter, open_stack, percentile_range, select
+from .io import Stack, ZarrLabelsWriter, open_stack, select
 from .prompts import Prompts, build_prompts
 from .tracking import TrackTable, ctc_tracks
 
@@ -197,7 +196,7 @@ def _seed_automatically(predictor, state, video: Stack, frame: int, auto: dict |
 
     params, max_objects = _auto_parameters(auto)
     if not rgb and params.get("intensity_range") is None:
-        params["intensity_range"] = percentile_range(video.data)  # the stack's range, as the video predictor
+        params["intensity_range"] = state.intensity_range  # the stack's range, as the video predictor
     generator = AutomaticMaskGenerator(predictor.model, **params)
     image = video.data[frame]
     image = np.asarray(image.compute() if hasattr(image, "compute") else image)
@@ -209,15 +208,6 @@ def _seed_automatically(predictor, state, video: Stack, frame: int, auto: dict |
         predictor.add_new_mask(state, frame_idx=frame, obj_id=obj_id, mask=record["segmentation"])
         ids.append(obj_id)
     return ids
-
-
-def _predictor_for_run(predictor, needs_history: bool):
-    """The predictor, with history="ram" when no pass re-reads another pass's frames (no spill to disk)."""
-    if needs_history or getattr(predictor, "history", None) != "disk":
-        return predictor
-    light = copy.copy(predictor)  # shares the model; only the session settings differ
-    light.history = "ram"
-    return light
 
 
 def _progress_bar(progress, total: int, desc: str):
@@ -349,7 +339,7 @@ def segment_stack(
         from .predictor.video import build_video_predictor
 
         predictor = build_video_predictor(model, checkpoint=checkpoint, device=device, image_size=image_size)
-    run = _predictor_for_run(predictor, needs_history)
+    run = predictor
 
     sink, path = _sink(out, (n_frames, height, width), overwrite)
     table = TrackTable()
@@ -357,7 +347,8 @@ def segment_stack(
     scores: dict[int, np.ndarray] = {}
     name = Path(str(getattr(video, "path", "") or "")).name or "segment"
     try:
-        state = run.init_state(video)
+        # no spill to disk when no pass re-reads another pass's frames
+        state = run.init_state(video, history=None if needs_history else "ram")
         try:
             if prompts:
                 prompts.apply(run, state, width=width, height=height)

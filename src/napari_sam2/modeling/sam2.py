@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from typing import Mapping
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 from .common import MLP, resize_masks

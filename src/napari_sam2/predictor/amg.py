@@ -384,6 +384,8 @@ class AutomaticMaskGenerator:
         cache_features: bool = True,
         **kwargs,
     ) -> None:
+        if kwargs:
+            raise TypeError(f"AutomaticMaskGenerator got unknown parameter(s): {', '.join(sorted(kwargs))}")
         if (points_per_side is None) == (point_grids is None):
             raise ValueError("Give exactly one of points_per_side or point_grids.")
         if int(crop_n_layers) < 0:

@@ -98,6 +98,11 @@ class VideoState:
         self.objects[obj_id] = obj
         return obj
 
+    @property
+    def intensity_range(self) -> tuple[float, float]:
+        """The (lo, hi) intensities mapped to 0 and 1 for the whole stack."""
+        return self.frames.range
+
     def object_score_logits(self, obj_id) -> np.ndarray:
         """Object-present logit per frame for ``obj_id`` (> 0: visible; NaN: not computed)."""
         return self.objects[obj_id].scores
@@ -167,6 +172,7 @@ class VideoPredictor:
         channel: int | None = None,
         normalize: str | tuple[float, float] = "percentile",
         percentiles: tuple[float, float] = (0.5, 99.5),
+        history: str | None = None,
         offload_video_to_cpu: bool = False,
         offload_state_to_cpu: bool = False,
         async_loading_frames: bool = False,
@@ -176,9 +182,13 @@ class VideoPredictor:
         ``video``: numpy / dask / zarr array ((T, Y, X), (T, Y, X, C) or any axes named by ``axes``), a
         path (TIFF, Zarr, folder of frames) or a :class:`napari_sam2.io.Stack`; any dtype. The
         ``offload_*`` and ``async_loading_frames`` flags of the official API are accepted and not needed.
+        ``history`` overrides the predictor's setting for this session ("disk" or "ram").
         """
+        history = self.history if history is None else history
+        if history not in ("disk", "ram"):
+            raise ValueError(f"history must be 'disk' or 'ram', got {history!r}")
         frames = FrameSource(video, self.image_size, axes=axes, channel=channel, normalize=normalize, percentiles=percentiles)
-        spill = SpillDir(self.spill_dir) if self.history == "disk" else None
+        spill = SpillDir(self.spill_dir) if history == "disk" else None
 
         def encode(t: int) -> FrameFeatures:
             image = frames[t].to(self.device)[None]
