@@ -130,3 +130,18 @@ def ref_tiny21(reference_factory):
 def ref_tiny20(reference_factory):
     """(reference SAM2VideoPredictor, checkpoint path) for sam2_hiera_tiny, seed 0."""
     return reference_factory("sam2_hiera_tiny", 0)
+
+
+@pytest.fixture(scope="session")
+def random_checkpoint(tmp_path_factory) -> Path:
+    """sam2.1_hiera_tiny with untrained weights, in the official layout (shared by the test files)."""
+    from napari_sam2.build import build_model
+
+    path = tmp_path_factory.getbasetemp() / "random_sam2.1_hiera_tiny.pt"
+    if not path.exists():
+        torch.manual_seed(0)
+        model = build_model("sam2.1_hiera_tiny", pretrained=False)
+        tmp = path.with_suffix(".partial")
+        torch.save({"model": model.state_dict()}, tmp)
+        os.replace(tmp, path)
+    return path

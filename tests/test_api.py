@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import os
 import warnings
-from pathlib import Path
 from types import SimpleNamespace
 
 import numpy as np
@@ -25,7 +24,7 @@ import zarr
 
 import napari_sam2
 from napari_sam2.api import SegmentationResult, masks_to_labels, segment_stack
-from napari_sam2.io import read_ctc_tracks, tracks_from_labels
+from napari_sam2.io import percentile_range, read_ctc_tracks, tracks_from_labels
 from napari_sam2.prompts import PromptError
 from napari_sam2.synthetic import make_timelapse
 from napari_sam2.tracking import TRACK_COLUMNS, ctc_tracks, tracks_table
@@ -34,17 +33,6 @@ IMAGE_SIZE = 256
 
 
 # ------------------------------------------------------------------------------------ fixtures
-@pytest.fixture(scope="session")
-def random_checkpoint(tmp_path_factory) -> Path:
-    """sam2.1_hiera_tiny with untrained weights, in the official layout (shared by the test files)."""
-    path = tmp_path_factory.getbasetemp() / "random_sam2.1_hiera_tiny.pt"
-    if not path.exists():
-        torch.manual_seed(0)
-        model = napari_sam2.build_model("sam2.1_hiera_tiny", pretrained=False)
-        tmp = path.with_suffix(".partial")
-        torch.save({"model": model.state_dict()}, tmp)
-        os.replace(tmp, path)
-    return path
 
 
 @pytest.fixture(scope="session")
@@ -77,7 +65,7 @@ class GroundTruthPredictor:
 
     def init_state(self, video, history=None, **kwargs):
         self.log.append(("init", video.axes, tuple(video.shape), history or self.history))
-        state = SimpleNamespace(objs={}, scores={})
+        state = SimpleNamespace(objs={}, scores={}, intensity_range=percentile_range(video.data))
         state.object_score_logits = lambda obj: state.scores[obj]
         return state
 

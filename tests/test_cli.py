@@ -18,7 +18,6 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
-import torch
 import zarr
 
 import napari_sam2
@@ -27,19 +26,6 @@ from napari_sam2.io import read_ctc_tracks, tracks_from_labels
 from napari_sam2.synthetic import make_timelapse
 
 SRC = str(Path(napari_sam2.__file__).resolve().parents[1])
-
-
-@pytest.fixture(scope="session")
-def random_checkpoint(tmp_path_factory) -> Path:
-    """sam2.1_hiera_tiny with untrained weights, in the official layout (shared by the test files)."""
-    path = tmp_path_factory.getbasetemp() / "random_sam2.1_hiera_tiny.pt"
-    if not path.exists():
-        torch.manual_seed(0)
-        model = napari_sam2.build_model("sam2.1_hiera_tiny", pretrained=False)
-        tmp = path.with_suffix(".partial")
-        torch.save({"model": model.state_dict()}, tmp)
-        os.replace(tmp, path)
-    return path
 
 
 @pytest.fixture

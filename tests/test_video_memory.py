@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 import torch
 
-from napari_sam2.build import build_model
+import models
 from napari_sam2.predictor import VideoPredictor
 from napari_sam2.predictor.store import ENTRY_KEYS, FrameStore, SpillDir
 from napari_sam2.synthetic import make_timelapse
@@ -28,17 +28,7 @@ RAM = 16
 
 
 def random_model(size: int = SIZE, seed: int = 0):
-    """Untrained network with seeded noise on every tensor and objects made "present"."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = build_model(NAME, pretrained=False, image_size=size)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for v in model.state_dict().values():
-            if v.is_floating_point():
-                v.add_(torch.randn(v.shape, generator=g) * 0.02)
-        model.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.add_(2.0)
-    return model.eval()
+    return models.random_model(size, seed, NAME)
 
 
 def entry(t: int, g: torch.Generator) -> dict:

@@ -20,7 +20,8 @@ import pytest
 import tifffile
 import torch
 
-from napari_sam2.build import build_model, resolve_device
+import models
+from napari_sam2.build import resolve_device
 from napari_sam2.predictor import VideoPredictor, build_video_predictor
 from napari_sam2.predictor.frames import FrameSource
 from napari_sam2.predictor.postprocess import fill_holes, non_overlapping
@@ -32,17 +33,7 @@ NO_OBJ = -1024.0
 
 
 def random_model(size: int = SIZE, seed: int = 0):
-    """Untrained network with seeded noise on every tensor and objects made "present"."""
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = build_model(NAME, pretrained=False, image_size=size)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for v in model.state_dict().values():
-            if v.is_floating_point():
-                v.add_(torch.randn(v.shape, generator=g) * 0.02)
-        model.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.add_(2.0)
-    return model.eval()
+    return models.random_model(size, seed, NAME)
 
 
 class CountingArray:
