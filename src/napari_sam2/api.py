@@ -23,7 +23,7 @@ import pandas as pd
 
 from .io import Stack, ZarrLabelsWriter, open_stack, select
 from .prompts import Prompts, build_prompts
-from .tracking import TrackTable, ctc_tracks
+from .tracking import TrackTable, add_parents, ctc_tracks
 
 __all__ = ["segment_stack", "SegmentationResult", "open_video", "masks_to_labels", "DIRECTIONS", "LABEL_DTYPE"]
 
@@ -45,9 +45,13 @@ class SegmentationResult:
         gone; NaN on frames that were not tracked).
     tracks : pandas.DataFrame
         One row per object and frame where it has pixels (see :mod:`napari_sam2.tracking`):
-        ``t, label, y, x, area, bbox_y0, bbox_x0, bbox_y1, bbox_x1, score``.
+        ``t, label, y, x, area, bbox_y0, bbox_x0, bbox_y1, bbox_x1, score``, plus ``parent`` (the
+        mother's label, 0 for none) when ``detect_new`` or ``detect_divisions`` was used.
     obj_ids : list of int
-        The objects tracked (prompted, or seeded by the automatic mask generator).
+        The objects tracked (prompted, seeded by the automatic mask generator, found entering or
+        born by division).
+    parents : dict of int to int
+        Daughter label -> mother label, for every division found (empty without ``detect_divisions``).
     path : pathlib.Path or None
         The OME-Zarr store, when ``out`` was a path.
     seconds : float
@@ -60,6 +64,7 @@ class SegmentationResult:
     obj_ids: list[int]
     path: Path | None = None
     seconds: float = 0.0
+    parents: dict[int, int] = field(default_factory=dict)
     axes: str = field(default="TYX", repr=False)
 
     @property
@@ -241,6 +246,8 @@ def segment_stack(
     predictor=None,
     progress: bool | str = True,
     callback: Callable[[int, np.ndarray], Any] | None = None,
+    detect_new=None,
+    detect_divisions=False,
 ) -> SegmentationResult:
     """Segment and track objects through a time-lapse with SAM2.
 
@@ -291,7 +298,17 @@ def segment_stack(
     progress
         Show a progress bar (a string: its label).
     callback
-        Called as ``callback(t, labels_t)`` after each frame is written.
+        Called as ``callback(t, labels_t)`` after each frame is written (again for frames tracked
+        again after an object was added mid-video).
+    detect_new
+        Add cells that enter the field (or were missed) while propagating forward: ``True``, an int
+        ``K`` (look every K frames), a dict or a :class:`napari_sam2.lineage.NewObjectParams`.
+    detect_divisions
+        Turn a masklet that splits into two comparable parts into a division (parent ends, two
+        daughters start, ``parent`` recorded): ``True``, a dict or a
+        :class:`napari_sam2.lineage.DivisionParams`. With either option the backward pass (if any)
+        runs first with the prompted objects only, then the forward pass adds objects; the tracks get
+        a ``parent`` column. See ``docs/tracking.md``.
 
     Returns
     -------
@@ -315,6 +332,15 @@ def segment_stack(
     prompts: Prompts = build_prompts(points, boxes, masks, obj_ids=obj_ids, positive=positive,
                                      box_ids=box_ids, mask_frame=mask_frame)
     prompts.check(n_frames, height, width)
+    from .lineage import division_params, new_object_params
+
+    new_params = new_object_params(detect_new)
+    div_params = division_params(detect_divisions)
+    lineage = new_params is not None or div_params is not None
+    if lineage and direction == "backward":
+        raise ValueError("detect_new / detect_divisions work while propagating forward: use direction='forward' or 'both'")
+    if new_params is not None and new_params.mask_source is None:
+        _auto_parameters(new_params.generator)  # fail on bad parameters before building the model
     if not prompts:
         if not 0 <= int(mask_frame) < n_frames:
             raise ValueError(f"mask_frame={mask_frame} (the frame seeded automatically) is outside the stack "
@@ -333,6 +359,8 @@ def segment_stack(
         passes.append((last, True))
     # the backward pass reads frames the forward pass tracked only when their spans overlap
     needs_history = len(passes) == 2 and last < n_frames - 1
+    if lineage:  # objects found going forward must not be tracked backward: the backward pass first
+        passes.sort(key=lambda p: not p[1])
     total = int(sum((s + 1) if reverse else (n_frames - s) for s, reverse in passes))
 
     if predictor is None:
@@ -345,6 +373,7 @@ def segment_stack(
     table = TrackTable()
     ids: list[int] = []
     scores: dict[int, np.ndarray] = {}
+    parents: dict[int, int] = {}
     name = Path(str(getattr(video, "path", "") or "")).name or "segment"
     try:
         # no spill to disk when no pass re-reads another pass's frames
@@ -359,18 +388,32 @@ def segment_stack(
                     warnings.warn(f"the automatic mask generator found no object on frame {first}: the labels are "
                                   "empty. Lower auto['pred_iou_thresh'] / auto['stability_score_thresh'] or give prompts.",
                                   RuntimeWarning, stacklevel=2)
+            tracker = None
             with _progress_bar(progress, total if ids else 0, name) as bar:
+
+                def emit(t, frame):
+                    sink.write(t, frame)
+                    table.update(t, frame)
+                    if callback is not None:
+                        callback(t, frame)
+                    bar.update(1)
+
                 if ids:
                     for s, reverse in passes:
+                        if lineage and not reverse:
+                            from .lineage import LineageTracker
+
+                            tracker = LineageTracker(run, state, video, ids, new_params, div_params, rgb=rgb)
+                            tracker.propagate(s, emit)
+                            continue
                         for t, frame_ids, logits in run.propagate_in_video(state, start_frame_idx=s, reverse=reverse):
-                            frame = masks_to_labels(logits, frame_ids)
-                            sink.write(t, frame)
-                            table.update(t, frame)
-                            if callback is not None:
-                                callback(t, frame)
-                            bar.update(1)
-            for obj in ids:
-                scores[obj] = np.array(state.object_score_logits(obj), dtype=np.float32, copy=True)
+                            emit(t, masks_to_labels(logits, frame_ids))
+            if tracker is not None:
+                ids, parents = list(tracker.ids), dict(tracker.parents)
+                scores.update(tracker.scores(n_frames))
+            else:
+                for obj in ids:
+                    scores[obj] = np.array(state.object_score_logits(obj), dtype=np.float32, copy=True)
         finally:
             run.close(state)
         if isinstance(sink, ZarrLabelsWriter):
@@ -389,5 +432,8 @@ def segment_stack(
     else:
         labels = sink.array
     scores = {obj: scores.get(obj, np.full(n_frames, np.nan, np.float32)) for obj in ids}
-    return SegmentationResult(labels=labels, scores=scores, tracks=table.to_dataframe(scores), obj_ids=list(ids),
-                              path=path, seconds=time.perf_counter() - start)
+    tracks = table.to_dataframe(scores)
+    if lineage:
+        tracks = add_parents(tracks, parents)
+    return SegmentationResult(labels=labels, scores=scores, tracks=tracks, obj_ids=list(ids),
+                              path=path, seconds=time.perf_counter() - start, parents=parents)

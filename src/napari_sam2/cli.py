@@ -3,6 +3,7 @@
 ::
 
     napari-sam2 segment INPUT... --out DIR (--prompts FILE_OR_DIR | --auto) [--format zarr|tiff|ctc] ...
+    napari-sam2 evaluate RESULT_DIR GT_DIR [--json]
     napari-sam2 models
     napari-sam2 download NAME
 
@@ -39,6 +40,7 @@ examples:
   napari-sam2 segment data/*.tif --out results --prompts clicks.csv
   napari-sam2 segment 01 02 --out results --auto --auto-param points_per_side=16 --format ctc
   napari-sam2 segment data/*.tif --out results --auto --scheduler tcp://scheduler:8786 --skip-existing
+  napari-sam2 segment 01 --out results --auto --detect-new 5 --detect-divisions --format ctc
 """
 
 
@@ -99,12 +101,25 @@ def build_parser() -> argparse.ArgumentParser:
                      help="propagate from the earliest prompted frame forward and/or the latest backward (default both)")
     seg.add_argument("--mask-frame", type=_positive_int, default=0, metavar="T",
                      help="frame of a label-image prompt, and the frame seeded by --auto (default 0)")
+    seg.add_argument("--detect-new", type=_positive_int, metavar="K", help="every K frames while propagating "
+                     "forward, add cells that entered the field (automatic mask generator; --auto-param sets it up)")
+    seg.add_argument("--detect-divisions", action="store_true", help="a masklet that splits into two comparable "
+                     "parts divides: the parent ends, two daughters start; the lineage goes into the tracks "
+                     "(parent column) and res_track.txt")
     seg.add_argument("--skip-existing", action="store_true", help="skip inputs whose outputs are complete (resume a batch)")
     seg.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     seg.add_argument("--scheduler", metavar="ADDRESS", help="send the inputs as tasks to this Dask distributed "
                      "scheduler (e.g. tcp://10.0.0.5:8786); default: run here, one after the other")
     seg.add_argument("--threads", type=_positive_int, metavar="N", help="torch CPU threads per process")
     seg.add_argument("--no-progress", action="store_true", help="no progress bars")
+
+    ev = sub.add_parser("evaluate", help="score a CTC result folder against ground truth (DET, TRA, SEG)",
+                        description="Score a Cell Tracking Challenge result folder (mask000.tif..., res_track.txt) "
+                        "against a ground-truth folder (TRA/man_track000.tif..., TRA/man_track.txt, optionally "
+                        "SEG/man_seg000.tif...): DET and TRA with traccuracy, SEG when the ground truth has SEG/.")
+    ev.add_argument("result", metavar="RESULT_DIR", help="CTC result folder, e.g. results/01_RES")
+    ev.add_argument("gt", metavar="GT_DIR", help="CTC ground-truth folder, e.g. 01_GT")
+    ev.add_argument("--json", action="store_true", help="print one JSON object with the keys DET, TRA (, SEG)")
 
     sub.add_parser("models", help="list the models: name, version, size, cached or not, path",
                    description="List the SAM2 models of the registry and whether their checkpoint is cached.")
@@ -140,8 +155,12 @@ def _segment(args: argparse.Namespace) -> int:
         return _error(f"unknown model {args.model!r}; choose one of: {', '.join(CONFIGS)}")
     if args.image_size is not None and (args.image_size <= 0 or args.image_size % 64):
         return _error(f"--image-size must be a positive multiple of 64, got {args.image_size}")
-    if args.auto_param and not args.auto:
-        return _error("--auto-param goes with --auto")
+    if args.auto_param and not (args.auto or args.detect_new):
+        return _error("--auto-param goes with --auto or --detect-new")
+    if args.detect_new == 0:
+        return _error("--detect-new K needs K >= 1 (look for new cells every K frames)")
+    if (args.detect_new or args.detect_divisions) and args.direction == "backward":
+        return _error("--detect-new / --detect-divisions work while propagating forward: use --direction forward or both")
     if args.checkpoint and not os.path.isfile(args.checkpoint):
         return _error(f"checkpoint file '{args.checkpoint}' does not exist")
     if args.overwrite and args.skip_existing:
@@ -150,13 +169,18 @@ def _segment(args: argparse.Namespace) -> int:
     if problem:
         return _error(problem)
     auto = dict(args.auto_param) if args.auto else None
-    if auto:
-        from .api import _auto_parameters
+    detect_new = None
+    if args.detect_new:
+        generator = {k: v for k, v in args.auto_param if k != "max_objects"}
+        detect_new = {"every": args.detect_new, "generator": generator}
+    for params in (auto, detect_new and detect_new["generator"]):
+        if params:
+            from .api import _auto_parameters
 
-        try:
-            _auto_parameters(auto)
-        except ValueError as exc:
-            return _error(str(exc))
+            try:
+                _auto_parameters(params)
+            except ValueError as exc:
+                return _error(str(exc))
     if args.prompts is not None:
         if not os.path.exists(args.prompts):
             return _error(f"prompts file '{args.prompts}' does not exist")
@@ -172,7 +196,8 @@ def _segment(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     options = {"model": args.model, "checkpoint": args.checkpoint, "device": args.device, "image_size": args.image_size,
-               "axes": args.axes, "channel": args.channel, "direction": args.direction, "mask_frame": args.mask_frame}
+               "axes": args.axes, "channel": args.channel, "direction": args.direction, "mask_frame": args.mask_frame,
+               "detect_new": detect_new, "detect_divisions": True if args.detect_divisions else None}
     jobs = make_jobs(args.inputs, args.out, fmt=args.format, prompts=args.prompts, auto=auto, options=options,
                      overwrite=args.overwrite, skip_existing=args.skip_existing, threads=args.threads,
                      progress=not args.no_progress)
@@ -197,6 +222,24 @@ def _segment(args: argparse.Namespace) -> int:
     except OSError as exc:
         print(f"napari-sam2: warning: could not write summary.csv: {exc}", file=sys.stderr)
     return 1 if any(r["status"] == "failed" for r in results) else 0
+
+
+def _evaluate(args: argparse.Namespace) -> int:
+    from .evaluate import CTCLayoutError, evaluate_ctc
+
+    try:
+        scores = evaluate_ctc(args.result, args.gt)
+    except CTCLayoutError as exc:
+        return _error(str(exc))
+    except ImportError as exc:
+        return _error(str(exc))
+    if args.json:
+        print(json.dumps({k: scores[k] for k in ("DET", "TRA", "SEG") if k in scores}))
+    else:
+        for key in ("DET", "TRA", "SEG"):
+            if key in scores:
+                print(f"{key}: {scores[key]:.6f}")
+    return 0
 
 
 def _models(args: argparse.Namespace) -> int:
@@ -245,7 +288,8 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     try:
-        return {"segment": _segment, "models": _models, "download": _download}[args.command](args)
+        return {"segment": _segment, "evaluate": _evaluate, "models": _models,
+                "download": _download}[args.command](args)
     except KeyboardInterrupt:
         print("napari-sam2: interrupted", file=sys.stderr)
         return 130

@@ -14,6 +14,8 @@ Columns of a tracks table
 ``bbox_y0, bbox_x0, bbox_y1, bbox_x1``  bounding box, ``y1``/``x1`` exclusive (as ``regionprops``)
 ``score``        SAM2's object-present logit for the object on the frame (> 0: present;
                  NaN where it was not computed, e.g. tables made from masks alone)
+``parent``       (lineage tables only: ``segment_stack(detect_new=..., detect_divisions=...)``) the
+                 label of the mother cell, 0 for none. Tables without the column have no divisions.
 """
 
 from __future__ import annotations
@@ -24,9 +26,11 @@ import numpy as np
 import pandas as pd
 from scipy import ndimage
 
-__all__ = ["TRACK_COLUMNS", "frame_regions", "TrackTable", "tracks_table", "ctc_tracks", "napari_tracks"]
+__all__ = ["TRACK_COLUMNS", "PARENT_COLUMN", "frame_regions", "TrackTable", "tracks_table", "ctc_tracks",
+           "napari_tracks", "tracks_graph", "add_parents"]
 
 TRACK_COLUMNS = ["t", "label", "y", "x", "area", "bbox_y0", "bbox_x0", "bbox_y1", "bbox_x1", "score"]
+PARENT_COLUMN = "parent"
 
 
 def frame_regions(frame: np.ndarray) -> list[tuple]:
@@ -113,18 +117,49 @@ def tracks_table(labels, scores: Mapping[int, np.ndarray] | None = None) -> pd.D
     return table.to_dataframe(scores)
 
 
+def add_parents(tracks: pd.DataFrame, parents: Mapping[int, int]) -> pd.DataFrame:
+    """The tracks table with a ``parent`` column (label -> mother label; 0 for labels not in ``parents``)."""
+    out = tracks.copy()
+    out[PARENT_COLUMN] = np.array([int(parents.get(int(lab), 0)) for lab in out["label"].to_numpy()], dtype=np.int64)
+    return out
+
+
+def _parents(tracks: pd.DataFrame) -> dict[int, int]:
+    if PARENT_COLUMN not in tracks.columns or len(tracks) == 0:
+        return {}
+    first = tracks.groupby("label")[PARENT_COLUMN].first()
+    return {int(lab): int(p) for lab, p in first.items() if int(p) != 0}
+
+
 def ctc_tracks(tracks: pd.DataFrame) -> list[tuple[int, int, int, int]]:
     """Cell Tracking Challenge lineage ``(label, begin, end, parent)`` from a tracks table.
 
     ``begin``/``end`` are the first/last frame where the label has pixels, which is exactly what the
-    CTC requires of ``res_track.txt``. A SAM2 object never divides, so ``parent`` is 0.
+    CTC requires of ``res_track.txt``. ``parent`` comes from the table's ``parent`` column (0 without
+    it); a parent that has no pixels, or does not end before its daughter begins, is dropped (0), so
+    the lineage always satisfies the CTC rules.
     """
     if len(tracks) == 0:
         return []
     spans = tracks.groupby("label")["t"].agg(["min", "max"]).sort_index()
-    return [(int(label), int(row["min"]), int(row["max"]), 0) for label, row in spans.iterrows()]
+    parents = _parents(tracks)
+    ends = {int(label): int(row["max"]) for label, row in spans.iterrows()}
+    rows = []
+    for label, row in spans.iterrows():
+        parent = parents.get(int(label), 0)
+        if parent not in ends or ends[parent] >= int(row["min"]):
+            parent = 0
+        rows.append((int(label), int(row["min"]), int(row["max"]), parent))
+    return rows
 
 
+def tracks_graph(tracks: pd.DataFrame) -> dict[int, list[int]]:
+    """The lineage as napari's Tracks ``graph``: ``{child_id: [parent_id]}`` for every divided-from label.
+
+    Only parents that are tracks of the table (and end before the child begins) are listed, as in
+    :func:`ctc_tracks`: ``viewer.add_tracks(napari_tracks(df), graph=tracks_graph(df))``.
+    """
+    return {label: [parent] for label, _, _, parent in ctc_tracks(tracks) if parent}
 def napari_tracks(tracks: pd.DataFrame) -> np.ndarray:
     """``(N, 4)`` array ``track_id, t, y, x`` for ``viewer.add_tracks``."""
     return tracks[["label", "t", "y", "x"]].to_numpy(dtype=np.float64)
