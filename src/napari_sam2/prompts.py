@@ -239,24 +239,24 @@ def points_table(points: Any, obj_ids: Any = None, positive: Any = None, source:
     if id_col is not None:
         ids = _ids(df[id_col].to_numpy(), rows)
     if obj_ids is not None:
-        given = np.atleast_1d(np.asarray(obj_ids))
-        if given.size == 1 and n != 1:
-            given = np.repeat(given, n)
-        if given.shape != (n,):
-            raise PromptError(f"obj_ids has {given.size} values for {n} points: give one object id per point")
-        ids = _ids(given, rows)
+        ids = _ids(_per_point(obj_ids, n, "obj_ids", "object id"), rows)
     pos = np.ones(n, dtype=bool)
     pos_col = _pick(df, "positive")
     if pos_col is not None:
         pos = _bools(df[pos_col].tolist(), rows)
     if positive is not None:
-        given = np.atleast_1d(np.asarray(positive))
-        if given.size == 1 and n != 1:
-            given = np.repeat(given, n)
-        if given.shape != (n,):
-            raise PromptError(f"positive has {given.size} values for {n} points: give one per point")
-        pos = _bools(given.tolist(), rows)
+        pos = _bools(_per_point(positive, n, "positive", "value").tolist(), rows)
     return pd.DataFrame({"t": t, "y": y, "x": x, "obj_id": ids, "positive": pos, "_row": rows})
+
+
+def _per_point(values, n: int, name: str, noun: str) -> np.ndarray:
+    """One value per point: a single value is repeated for all n points."""
+    given = np.atleast_1d(np.asarray(values))
+    if given.size == 1 and n != 1:
+        given = np.repeat(given, n)
+    if given.shape != (n,):
+        raise PromptError(f"{name} has {given.size} values for {n} points: give one {noun} per point")
+    return given
 
 
 def _ids(values: np.ndarray, rows: list[str]) -> np.ndarray:
