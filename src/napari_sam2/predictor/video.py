@@ -130,6 +130,10 @@ class VideoPredictor:
         A correction click on a tracked frame makes it a conditioning frame, so that a later
         propagation over it keeps the correction (off by default, as in the official predictor, where
         re-propagating through a corrected frame overwrites it; the napari plugin turns it on).
+    max_batch
+        Most objects run as one batch. Default: 4 on the CPU (there a step is compute-bound, and larger
+        batches only thrash the caches: measured 2.7 s per object at 1 to 5 objects, 3.0 s at 10),
+        64 on a GPU.
     """
 
     def __init__(
@@ -141,6 +145,7 @@ class VideoPredictor:
         ram_frames: int = 16,
         spill_dir: str | None = None,
         add_all_frames_to_correct_as_cond: bool = False,
+        max_batch: int | None = None,
     ):
         if history not in ("disk", "ram"):
             raise ValueError(f"history must be 'disk' or 'ram', got {history!r}")
@@ -152,6 +157,7 @@ class VideoPredictor:
         self.ram_frames = max(ram_frames, 16)
         self.spill_dir = spill_dir
         self.add_all_frames_to_correct_as_cond = add_all_frames_to_correct_as_cond
+        self.max_batch = max_batch
 
     @property
     def device(self) -> torch.device:
@@ -290,7 +296,8 @@ class VideoPredictor:
         for o in objs:
             key = (tuple(o.cond), o.non_cond.has_mask(window))
             groups.setdefault(key, []).append(o)
-        return list(groups.values())
+        cap = self.max_batch or (4 if self.device.type == "cpu" else 64)
+        return [g[i : i + cap] for g in groups.values() for i in range(0, len(g), cap)]
 
     # ------------------------------------------------------------------ outputs
     def _video_res(self, state: VideoState, masks: torch.Tensor) -> torch.Tensor:
