@@ -7,13 +7,11 @@ from typing import Any, Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..io import normalize_frame, open_stack, percentile_range, select
 from ..io.stack import Stack
+from .transforms import IMAGENET_MEAN, IMAGENET_STD, to_model_input
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 
 
 def _as_stack(video: Any, axes: str | None, channel: int | None, rgb: bool) -> Stack:
@@ -117,10 +115,7 @@ class FrameSource:
             img = self._reference_preprocess(frame)
         else:
             lo, hi = self.range
-            x = torch.from_numpy(normalize_frame(frame, lo, hi, index=t))
-            x = x.permute(2, 0, 1) if x.ndim == 3 else x.unsqueeze(0)
-            x = F.interpolate(x[None], size=(self.image_size, self.image_size), mode="bilinear", align_corners=False, antialias=True)[0]
-            img = x.expand(3, -1, -1) if x.shape[0] == 1 else x
+            return to_model_input(normalize_frame(frame, lo, hi, index=t), self.image_size)[0]
         return (img - self._mean) / self._std
 
     def _reference_preprocess(self, frame: np.ndarray) -> torch.Tensor:

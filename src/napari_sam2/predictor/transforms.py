@@ -28,6 +28,9 @@ import torch
 import torch.nn.functional as F
 from scipy import ndimage
 
+from ..io.normalize import normalize_frame
+from .postprocess import component_areas
+
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_PERCENTILES = (0.5, 99.5)
@@ -102,7 +105,7 @@ def to_unit_rgb(
         lo, hi = (float(v) for v in intensity_range)
         if not (np.isfinite(lo) and np.isfinite(hi)) or hi < lo:
             raise ValueError(f"intensity_range must be finite (low, high) with low <= high, got {intensity_range}")
-        unit = _scale(arr, lo, hi)
+        unit = normalize_frame(arr, lo, hi)
     elif arr.dtype == np.uint8:
         # exactly torchvision's ToTensor: float32 division by 255
         unit = (torch.from_numpy(np.ascontiguousarray(arr)).to(torch.float32) / 255.0).numpy()
@@ -110,31 +113,25 @@ def to_unit_rgb(
         unit = arr.astype(np.float32)
     else:
         lo, hi = intensity_percentiles(arr, percentiles)
-        unit = _scale(arr, lo, hi)
+        unit = normalize_frame(arr, lo, hi)
     if unit.ndim == 2:
         unit = np.repeat(unit[..., None], 3, axis=-1)
     return np.ascontiguousarray(unit, dtype=np.float32)
 
 
-def _scale(arr: np.ndarray, lo: float, hi: float) -> np.ndarray:
-    a = arr.astype(np.float32)
-    if hi <= lo:  # constant image (or range): nothing to see, avoid dividing by zero
-        return (a > lo).astype(np.float32)
-    out = (a - np.float32(lo)) / np.float32(hi - lo)
-    return np.clip(out, 0.0, 1.0, out=out)
-
-
 def to_model_input(unit_rgb: np.ndarray, size: int, device: torch.device | str = "cpu") -> torch.Tensor:
-    """float32 ``H x W x 3`` in [0, 1] -> ``1 x 3 x size x size`` network input.
+    """float32 ``H x W x 3`` (or grey ``H x W``, replicated after the resize) in [0, 1] ->
+    ``1 x 3 x size x size`` network input.
 
     Bilinear resize with half-pixel centres and antialiasing (torchvision ``Resize`` on a float
     tensor: ``F.interpolate(..., mode="bilinear", align_corners=False, antialias=True)``; skipped
     when the image already has that size, as torchvision does), then ImageNet mean / std.
     """
-    x = torch.from_numpy(np.ascontiguousarray(unit_rgb, dtype=np.float32)).permute(2, 0, 1).contiguous()
-    x = x.to(device)
+    x = torch.from_numpy(np.ascontiguousarray(unit_rgb, dtype=np.float32))
+    x = (x[None] if x.ndim == 2 else x.permute(2, 0, 1).contiguous()).to(device)
     if tuple(x.shape[-2:]) != (size, size):
         x = F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+    x = x.expand(3, -1, -1)
     mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device)[:, None, None]
     std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device)[:, None, None]
     return ((x - mean) / std)[None]
@@ -143,16 +140,6 @@ def to_model_input(unit_rgb: np.ndarray, size: int, device: torch.device | str =
 def upsample_masks(masks: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
     """``B x C x h x w`` logits -> ``B x C x H x W`` (bilinear, half-pixel centres)."""
     return F.interpolate(masks.float(), size=tuple(int(v) for v in hw), mode="bilinear", align_corners=False)
-
-
-def _component_areas(binary: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """8-connected components of a 2-D boolean array: (labels, area of each pixel's component)."""
-    labels, n = ndimage.label(binary, structure=_EIGHT_CONNECTED)
-    if n == 0:
-        return labels, np.zeros(binary.shape, dtype=np.int64)
-    areas = np.bincount(labels.ravel())
-    areas[0] = 0
-    return labels, areas[labels]
 
 
 def fill_holes_and_sprinkles(
@@ -176,10 +163,10 @@ def fill_holes_and_sprinkles(
     sprinkles = np.zeros(flat.shape, dtype=bool)
     for i, m in enumerate(flat):
         if max_hole_area > 0:
-            labels, areas = _component_areas(m <= mask_threshold)
+            labels, areas = component_areas(m <= mask_threshold)
             holes[i] = (labels > 0) & (areas <= max_hole_area)
         if max_sprinkle_area > 0:
-            labels, areas = _component_areas(m > mask_threshold)
+            labels, areas = component_areas(m > mask_threshold)
             sprinkles[i] = (labels > 0) & (areas <= max_sprinkle_area)
     out = logits.float()
     dev = logits.device
