@@ -76,15 +76,25 @@ def test_batch_reports_failures_goes_on_and_resumes(data, tmp_path, random_check
         assert labels.shape == (4, 48, 48) and rows[f"{name}.tif"]["frames"] == 4 and rows[f"{name}.tif"]["objects"] == 2
         tracks = pd.read_csv(out / f"{name}.tracks.csv")
         assert list(tracks.columns)[:5] == ["t", "label", "y", "x", "area"]
-    assert sorted(p.name for p in out.iterdir()) == ["s0.tif", "s0.tracks.csv", "s1.tif", "s1.tracks.csv", "summary.csv"]
+    assert sorted(p.name for p in out.iterdir()) == ["s0.manifest.json", "s0.tif", "s0.tracks.csv",
+                                                     "s1.manifest.json", "s1.tif", "s1.tracks.csv", "summary.csv"]
 
-    # resume: finished inputs are skipped; an unfinished one (tracks CSV missing) is done again
+    # resume: finished inputs are skipped; one with no result yet is done
     before = (out / "s0.tif").stat().st_mtime_ns
-    (out / "s1.tracks.csv").unlink()
+    for leftover in ("s1.tif", "s1.tracks.csv"):
+        (out / leftover).unlink()
     assert main(args + ["--skip-existing"]) == 1
     rows = _rows(out)
     assert rows["s0.tif"]["status"] == "skipped" and rows["s1.tif"]["status"] == "ok"
     assert (out / "s0.tif").stat().st_mtime_ns == before and (out / "s1.tracks.csv").exists()
+    # an incomplete result (its tracks gone) is reported and left as it is, not redone over
+    (out / "s1.tracks.csv").unlink()
+    kept = (out / "s1.tif").read_bytes()
+    assert main(args + ["--skip-existing"]) == 1
+    rows = _rows(out)
+    assert rows["s1.tif"]["status"] == "failed" and "not a complete result" in rows["s1.tif"]["error"]
+    assert "s1.tracks.csv is missing" in rows["s1.tif"]["error"] and "--overwrite" in rows["s1.tif"]["error"]
+    assert (out / "s1.tif").read_bytes() == kept and rows["s0.tif"]["status"] == "skipped"
     # without --skip-existing or --overwrite, existing outputs are not replaced
     assert main(["segment", good[0], "--out", str(out), "--prompts", str(tmp_path / "clicks.csv"), "--format", "tiff",
                  *_model_args(random_checkpoint)]) == 1

@@ -104,11 +104,13 @@ class SegmentationResult:
 
 
 # ------------------------------------------------------------------------------------ helpers
-def open_video(stack: Any, axes: str | None = None, channel: int | None = None) -> tuple[Stack, tuple[int, int, int]]:
+def open_video(stack: Any, axes: str | None = None, channel: int | None = None,
+               **planes) -> tuple[Stack, tuple[int, int, int]]:
     """Open any source as the video to segment: a ``TYX`` stack (``TYXC`` for RGB) and ``(T, Y, X)``.
 
-    Raises the readers' errors (``FileNotFoundError``, ``StackReadError``, ``ValueError`` for axes
-    that do not fit or a channel out of range) before anything heavy happens.
+    ``planes``: ``z``, ``z_project``, ``along``, ``t`` of :func:`napari_sam2.io.select`, for stacks
+    with a Z axis. Raises the readers' errors (``FileNotFoundError``, ``StackReadError``, ``ValueError``
+    for axes that do not fit or a channel out of range) before anything heavy happens.
     """
     opened = open_stack(stack, axes=axes)
     rgb = channel is None and "C" in opened.axes and opened.size("C") == 3 and set(opened.axes) <= set("TCYX")
@@ -116,7 +118,7 @@ def open_video(stack: Any, axes: str | None = None, channel: int | None = None) 
         data = opened.data if "T" in opened.axes else opened.data[None]
         video = Stack(data=data.transpose(0, 2, 3, 1), axes="TYXC", path=opened.path, metadata=dict(opened.metadata))
     else:
-        video = select(opened, channel=channel)
+        video = select(opened, channel=channel, **{k: v for k, v in planes.items() if v is not None})
     t = video.size("T")
     shape = (int(t), video.size("Y"), video.size("X"))
     if shape[0] == 0:
@@ -181,6 +183,8 @@ def _auto_parameters(auto: dict | None) -> tuple[dict, int | None]:
 
     params = dict(auto or {})
     max_objects = params.pop("max_objects", None)
+    if max_objects is not None and (isinstance(max_objects, bool) or not isinstance(max_objects, int)):
+        raise ValueError(f"automatic mask generator parameter max_objects must be an integer >= 1, got {max_objects!r}")
     if max_objects is not None and int(max_objects) < 1:
         raise ValueError(f"auto['max_objects'] must be >= 1, got {max_objects}")
     allowed = [p for p, v in inspect.signature(AutomaticMaskGenerator).parameters.items()
@@ -191,8 +195,40 @@ def _auto_parameters(auto: dict | None) -> tuple[dict, int | None]:
                          f"valid: {', '.join(allowed + ['max_objects'])}")
     if params.get("output_mode", "binary_mask") != "binary_mask":
         raise ValueError("auto['output_mode'] cannot be changed: seeding needs binary masks")
+    signature = inspect.signature(AutomaticMaskGenerator, eval_str=True).parameters
+    for key, value in params.items():
+        _check_parameter_type(key, value, signature[key].annotation)
     params["output_mode"] = "binary_mask"
     return params, (None if max_objects is None else int(max_objects))
+
+
+def _check_parameter_type(key: str, value, annotation) -> None:
+    """A value of the annotated type, checked before any model is built (a wrong one would otherwise
+    fail deep inside the generator, after minutes of loading)."""
+    import types
+    import typing
+
+    kinds = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
+    kinds = {typing.get_origin(k) or k for k in kinds}
+    number = isinstance(value, (int, float)) and not isinstance(value, bool)
+    accepted = ((value is None and type(None) in kinds) or (isinstance(value, bool) and bool in kinds)
+                or (number and isinstance(value, int) and int in kinds) or (number and float in kinds)
+                or (isinstance(value, str) and str in kinds)
+                or (isinstance(value, (list, tuple)) and bool(kinds & {list, tuple})))
+    if not accepted:
+        names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list",
+                 tuple: "a list", type(None): "null"}
+        expected = " or ".join(dict.fromkeys(names.get(k, getattr(k, "__name__", str(k)))
+                                             for k in sorted(kinds, key=lambda k: k is type(None))))
+        raise ValueError(f"automatic mask generator parameter {key} must be {expected}, got {value!r} "
+                         f"(e.g. {key}={_parameter_default(key)})")
+
+
+def _parameter_default(key: str):
+    from .predictor.amg import AutomaticMaskGenerator
+
+    default = inspect.signature(AutomaticMaskGenerator).parameters[key].default
+    return "null" if default is None else str(default).lower() if isinstance(default, bool) else default
 
 
 def _seed_automatically(predictor, state, video: Stack, frame: int, auto: dict | None, rgb: bool) -> list[int]:
@@ -239,6 +275,10 @@ def segment_stack(
     image_size: int | None = None,
     axes: str | None = None,
     channel: int | None = None,
+    z: int | None = None,
+    z_project: str | None = None,
+    along: str | None = None,
+    t: int | None = None,
     direction: str = "both",
     auto: dict | None = None,
     out=None,
@@ -280,6 +320,9 @@ def segment_stack(
         input size (default 1024; a multiple of 64, smaller is faster).
     axes, channel
         Axes of the source (e.g. ``"TCYX"``) and the channel to segment.
+    z, z_project, along, t
+        For stacks with a Z axis: the Z plane to segment, or a projection (``"max"``, ``"mean"``,
+        ``"min"``), or ``along="Z"`` to propagate through the volume of time point ``t``.
     direction
         ``"forward"`` (from the earliest prompted frame to the end), ``"backward"`` (from the latest
         prompted frame to the start) or ``"both"``. Frames no pass reaches stay 0.
@@ -327,7 +370,8 @@ def segment_stack(
     start = time.perf_counter()
     if direction not in DIRECTIONS:
         raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
-    video, (n_frames, height, width) = open_video(stack, axes=axes, channel=channel)
+    video, (n_frames, height, width) = open_video(stack, axes=axes, channel=channel, z=z, z_project=z_project,
+                                                  along=along, t=t)
     rgb = video.axes == "TYXC"
     prompts: Prompts = build_prompts(points, boxes, masks, obj_ids=obj_ids, positive=positive,
                                      box_ids=box_ids, mask_frame=mask_frame)

@@ -6,28 +6,36 @@ Used by the ``napari-sam2 segment`` command (:mod:`napari_sam2.cli`); usable fro
 >>> results = run_batch(jobs)                                                                    # doctest: +SKIP
 >>> print(format_summary(results))                                                               # doctest: +SKIP
 
-Every input gives ``OUT/NAME.ome.zarr`` (or ``NAME.tif``, or the CTC folder ``NAME_RES``) and
-``OUT/NAME.tracks.csv``, written under temporary names and renamed when complete; the tracks CSV
-is written last, so an input whose CSV exists is finished (``skip_existing``).
+Every input gives ``OUT/NAME.ome.zarr`` (or ``NAME.tif``, or the CTC folder ``NAME_RES``),
+``OUT/NAME.tracks.csv`` and ``OUT/NAME.manifest.json``: written in a hidden working folder and
+published together, the manifest last, so a result is finished exactly when its manifest matches its
+files (``skip_existing``). A batch holds the lock of its output folder, removes what dead runs left
+there, and appends one row per input to ``OUT/summary.csv`` as soon as that input is done.
 """
 
 from __future__ import annotations
 
 import glob
 import os
-import shutil
-import tempfile
 import threading
 import time
 import traceback
+import uuid
 import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
+
+import numpy as np
+
+from .io.atomic import remove_stale_partials, write_error
+from .io.lock import LOCK_NAME, OutputLock
+from .io.result_files import PendingResult, check_complete, manifest_path
 
 __all__ = [
     "FORMATS", "Job", "expand_inputs", "output_names", "output_paths", "make_jobs",
-    "run_one", "run_batch", "summary_frame", "format_summary", "find_prompts_file",
+    "run_one", "run_batch", "summary_frame", "append_summary", "format_summary", "find_prompts_file",
+    "check_job_outputs", "read_prompts",
 ]
 
 FORMATS = ("zarr", "tiff", "ctc")
@@ -52,6 +60,7 @@ class Job:
     threads: int | None = None
     progress: bool = True
     error: str | None = None  # known to fail before running (e.g. an input that does not exist)
+    run_id: str = ""  # the batch run this job belongs to (in the manifest and the summary)
 
 
 # ------------------------------------------------------------------------------------ inputs
@@ -153,9 +162,10 @@ def make_jobs(items: Iterable[str], out_dir: str | os.PathLike, *, fmt: str = "z
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     expanded = expand_inputs(items)
     names = output_names([p for p, _ in expanded])
+    run_id = time.strftime("%Y%m%dT%H%M%S-") + uuid.uuid4().hex[:6]
     return [Job(input=p, name=n, out_dir=os.fspath(out_dir), format=fmt, prompts=prompts, auto=auto,
                 options=dict(options or {}), overwrite=overwrite, skip_existing=skip_existing, threads=threads,
-                progress=progress, error=err)
+                progress=progress, error=err, run_id=run_id)
             for (p, err), n in zip(expanded, names)]
 
 
@@ -192,14 +202,54 @@ def _describe(exc: BaseException) -> str:
 
 
 def _result(job: Job, status: str, start: float, **kw) -> dict:
-    row = {"input": job.input, "name": job.name, "status": status, "frames": None, "objects": None,
+    row = {"run": job.run_id, "finished": time.strftime("%Y-%m-%dT%H:%M:%S"), "input": job.input, "name": job.name,
+           "status": status, "frames": None, "objects": None,
            "seconds": round(time.perf_counter() - start, 2), "output": None, "error": None, "warnings": []}
     row.update(kw)
     return row
 
 
+def _kind_problem(path: Path, want_dir: bool) -> str | None:
+    """Why an existing ``path`` cannot be replaced by an output of the other kind (file vs folder)."""
+    if not (path.exists() or path.is_symlink()):
+        return None
+    is_dir = path.is_dir() and not path.is_symlink()
+    if is_dir == want_dir:
+        return None
+    what, wanted = ("a folder", "a file") if is_dir else ("a regular file", "a folder")
+    return (f"'{path}' exists and is {what}, but this output is {wanted}: it is not an earlier result of "
+            "napari-sam2 and --overwrite does not replace it. Move it away or choose another --out")
+
+
+def check_job_outputs(job: Job, inputs: Iterable[str] = ()) -> str | None:
+    """Why the outputs of ``job`` must not be written, before any work: an output that is, holds or lies
+    inside one of ``inputs`` (the job's own input always counts), or an existing path of another kind."""
+    paths = output_paths(job.out_dir, job.name, job.format)
+    outputs = [*paths.values(), manifest_path(job.out_dir, job.name)]
+    for source in dict.fromkeys([job.input, *inputs]):
+        if not source or not os.path.lexists(source):
+            continue
+        src = Path(os.path.realpath(source))
+        out_dir = Path(os.path.realpath(job.out_dir))
+        if src.is_dir() and (src == out_dir or src in out_dir.parents):
+            return (f"the output folder '{job.out_dir}' is inside the input '{source}' (a Zarr store or folder "
+                    "of frames): choose an --out folder outside the inputs")
+        for out in outputs:
+            dst = Path(os.path.realpath(out))
+            if dst == src or src in dst.parents or dst in src.parents:
+                return (f"the output '{out}' would overwrite the input '{source}': choose an --out folder "
+                        "outside the inputs")
+    if job.overwrite:
+        return _kind_problem(paths["labels"], want_dir=job.format != "tiff") or _kind_problem(paths["tracks"], False)
+    return None
+
+
 def run_one(job: Job, predictor=None) -> dict:
-    """Segment one input and write its outputs; never raises for a bad input.
+    """Segment one input and publish its outputs together; never raises for a bad input.
+
+    Outputs appear only complete (see :mod:`napari_sam2.io.result_files`); inputs, and earlier results
+    unless ``overwrite``, are never touched. With ``skip_existing`` a complete result of the same input
+    is skipped and anything else already there is left alone and reported.
 
     Returns
     -------
@@ -211,12 +261,22 @@ def run_one(job: Job, predictor=None) -> dict:
     if job.error:
         return _result(job, "failed", start, error=job.error)
     paths = output_paths(job.out_dir, job.name, job.format)
-    labels_done, tracks_done = paths["labels"].exists(), paths["tracks"].exists()
-    overwrite = job.overwrite
-    if job.skip_existing:
-        if labels_done and tracks_done:
-            return _result(job, "skipped", start, output=str(paths["labels"]), error=None)
-        overwrite = overwrite or labels_done or tracks_done  # an unfinished earlier run: redo it
+    problem = check_job_outputs(job)
+    if problem:
+        return _result(job, "failed", start, error=problem)
+    present = [p for p in paths.values() if p.exists() or p.is_symlink()]
+    if job.skip_existing and present:
+        why = check_complete(job.out_dir, job.name, paths, job.input)
+        if why is None:
+            return _result(job, "skipped", start, output=str(paths["labels"]))
+        return _result(job, "failed", start, error=(
+            f"'{present[0]}' exists but is not a complete result of this input ({why}); nothing was changed. "
+            "Remove the leftover files or rerun with --overwrite to replace them"))
+    if present and not job.overwrite:
+        return _result(job, "failed", start, error=(
+            f"'{present[0]}' already exists; use --skip-existing to keep finished outputs or --overwrite to "
+            "replace them"))
+    pending = None
     try:
         from .prompts import read_prompts_file
 
@@ -224,23 +284,29 @@ def run_one(job: Job, predictor=None) -> dict:
             import torch
 
             torch.set_num_threads(int(job.threads))
-        for p in paths.values():
-            if p.exists() and not overwrite:
-                raise FileExistsError(f"'{p}' already exists; use --skip-existing to keep finished outputs "
-                                      "or --overwrite to replace them")
         kwargs = {k: v for k, v in job.options.items() if k not in _MODEL_OPTIONS and v is not None}
         prompts_file = find_prompts_file(job.prompts, job.input, job.name)
         if prompts_file is not None:
-            kwargs.update({k: v for k, v in read_prompts_file(prompts_file).items() if v is not None})
+            kwargs.update(read_prompts(prompts_file))
         else:
             kwargs["auto"] = job.auto or None
         model = predictor if predictor is not None else _predictor(job.options)
         progress = job.name if job.progress else False
+        pending = PendingResult(job.out_dir, job.name, paths)
         with warnings.catch_warnings(record=True) as caught:  # reported in the summary, not as tracebacks
             warnings.simplefilter("always", RuntimeWarning)
-            result = _segment(job, paths, overwrite, model, progress, kwargs)
+            try:
+                result = _segment(job, pending, model, progress, kwargs)
+                result.to_csv(pending.path("tracks"))
+            except OSError as exc:
+                if isinstance(exc, FileNotFoundError) or not pending.owns(exc.filename):
+                    raise
+                raise write_error(exc, pending.final_for(exc.filename)) from exc  # name what the user asked for
         notes = list(dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)))
-        result.to_csv(paths["tracks"], overwrite=overwrite)  # last: its presence marks the input as finished
+        pending.publish(job.overwrite, {
+            "run": job.run_id, "input": os.path.abspath(job.input), "prompts": prompts_file,
+            "frames": result.n_frames, "objects": result.n_objects,
+            "model": {k: job.options.get(k) for k in _MODEL_OPTIONS}, "napari_sam2": _version()})
         return _result(job, "ok", start, frames=result.n_frames, objects=result.n_objects, output=str(paths["labels"]),
                        warnings=notes)
     except (KeyboardInterrupt, SystemExit):
@@ -249,76 +315,143 @@ def run_one(job: Job, predictor=None) -> dict:
         if os.environ.get("NAPARI_SAM2_DEBUG"):
             traceback.print_exc()
         return _result(job, "failed", start, error=_describe(exc))
+    finally:
+        if pending is not None:
+            pending.discard()
 
 
-def _segment(job: Job, paths: dict, overwrite: bool, model, progress, kwargs: dict):
-    """Run segment_stack for one job and write its labels in the job's format."""
+def read_prompts(path: str) -> dict:
+    """The prompts of a prompts file as :func:`segment_stack` keyword arguments; a file without any
+    prompt is an error (automatic seeding is asked for with --auto, never implied)."""
+    from .prompts import PromptError, read_prompts_file
+
+    prompts = {k: v for k, v in read_prompts_file(path).items() if v is not None}
+    masks = prompts.get("masks")
+    if not any(len(v) for k, v in prompts.items() if k != "masks") and (masks is None or not np.any(masks)):
+        raise PromptError(f"prompts file '{path}' holds no prompt (no click, no box, no labelled pixel): add "
+                          "prompts to it, or use --auto instead of --prompts to seed objects automatically")
+    return prompts
+
+
+def _version() -> str:
+    from . import __version__
+
+    return __version__
+
+
+def _segment(job: Job, pending: PendingResult, model, progress, kwargs: dict):
+    """Run segment_stack for one job, writing its labels in the job's format into ``pending``."""
     from .api import segment_stack
 
-    work = None
-    try:
-        if job.format == "zarr":
-            result = segment_stack(job.input, out=paths["labels"], overwrite=overwrite, predictor=model,
-                                   progress=progress, **kwargs)
-        else:
-            # labels stream into a hidden zarr store first (frames come in any order), then to TIFF / CTC
-            Path(job.out_dir).mkdir(parents=True, exist_ok=True)
-            work = tempfile.mkdtemp(prefix=f".{job.name}.partial-", dir=job.out_dir)
-            result = segment_stack(job.input, out=os.path.join(work, "labels.ome.zarr"), predictor=model,
-                                   progress=progress, **kwargs)
-            if job.format == "tiff":
-                result.to_tiff(paths["labels"], overwrite=overwrite)
-            else:
-                result.to_ctc(paths["labels"], overwrite=overwrite)
-    finally:
-        if work is not None:
-            shutil.rmtree(work, ignore_errors=True)
+    if job.format == "zarr":
+        return segment_stack(job.input, out=pending.path("labels"), predictor=model, progress=progress, **kwargs)
+    # labels stream into a zarr store first (frames come in any order), then to TIFF / CTC
+    result = segment_stack(job.input, out=pending.scratch("labels.ome.zarr"), predictor=model, progress=progress,
+                           **kwargs)
+    if job.format == "tiff":
+        result.to_tiff(pending.path("labels"))
+    else:
+        result.to_ctc(pending.path("labels"))
     return result
 
 
-def run_batch(jobs: list[Job], scheduler: str | None = None, predictor=None, progress: bool = True) -> list[dict]:
+def run_batch(jobs: list[Job], scheduler: str | None = None, predictor=None, progress: bool = True,
+              on_result: Callable[[dict], Any] | None = None) -> list[dict]:
     """Run every job; returns one result per job, in the jobs' order.
 
     ``scheduler``: the address of a running Dask distributed scheduler (e.g. ``"tcp://10.0.0.5:8786"``);
     every input becomes one task there. ``None``: one after the other in this process, sharing
-    ``predictor`` (built once when not given).
+    ``predictor`` (built once when not given). ``on_result(row)`` is called as each input finishes.
+
+    Raises
+    ------
+    napari_sam2.io.lock.OutputLockedError
+        Another run is writing to one of the output folders (nothing was done).
     """
+    from contextlib import ExitStack
+
     from tqdm.auto import tqdm
 
     results: list[dict | None] = [None] * len(jobs)
-    with tqdm(total=len(jobs), desc="inputs", unit="stack", disable=not progress, position=0) as bar:
-        if scheduler is None:
-            for i, job in enumerate(jobs):
-                results[i] = run_one(job, predictor=predictor)
-                bar.update(1)
-                bar.set_postfix_str(f"{sum(r['status'] == 'failed' for r in results if r)} failed")
-        else:
-            from distributed import Client, as_completed
 
-            with Client(scheduler, timeout="30s") as client:
-                remote = [Job(**{**asdict(j), "progress": False}) for j in jobs]
-                futures = {client.submit(run_one, job, pure=False, key=f"napari-sam2-{i}-{job.name}"): i
-                           for i, job in enumerate(remote)}
-                for future in as_completed(futures):
-                    i = futures[future]
-                    try:
-                        results[i] = future.result()
-                    except Exception as exc:  # a worker died, or the task could not run at all
-                        start = time.perf_counter()
-                        results[i] = _result(jobs[i], "failed", start, error=f"task failed on the cluster: {_describe(exc)}")
-                        results[i]["seconds"] = None
+    def done(i: int, row: dict) -> None:
+        results[i] = row
+        if on_result is not None:
+            on_result(row)
+
+    with ExitStack() as held:
+        for out_dir in dict.fromkeys(Path(j.out_dir) for j in jobs):
+            _make_out_dir(out_dir)
+            held.enter_context(OutputLock(out_dir / LOCK_NAME, what=f"the output folder '{out_dir}'"))
+            remove_stale_partials(out_dir)  # under the lock: no live run of ours writes there
+        with tqdm(total=len(jobs), desc="inputs", unit="stack", disable=not progress, position=0) as bar:
+            if scheduler is None:
+                for i, job in enumerate(jobs):
+                    done(i, run_one(job, predictor=predictor))
                     bar.update(1)
+                    bar.set_postfix_str(f"{sum(r['status'] == 'failed' for r in results if r)} failed")
+            else:
+                from distributed import Client, as_completed
+
+                with Client(scheduler, timeout="30s") as client:
+                    remote = [Job(**{**asdict(j), "progress": False}) for j in jobs]
+                    futures = {client.submit(run_one, job, pure=False, key=f"napari-sam2-{i}-{job.name}"): i
+                               for i, job in enumerate(remote)}
+                    for future in as_completed(futures):
+                        i = futures[future]
+                        try:
+                            row = future.result()
+                        except Exception as exc:  # a worker died, or the task could not run at all
+                            row = _result(jobs[i], "failed", time.perf_counter(),
+                                          error=f"task failed on the cluster: {_describe(exc)}")
+                            row["seconds"] = None
+                        done(i, row)
+                        bar.update(1)
     return [r for r in results if r is not None]
 
 
+def _make_out_dir(out_dir: Path) -> None:
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise write_error(exc, out_dir) from exc
+
+
 # ------------------------------------------------------------------------------------ summary
+SUMMARY_NAME = "summary.csv"
+SUMMARY_COLUMNS = ["run", "finished", "input", "status", "frames", "objects", "seconds", "output", "error",
+                   "warnings"]
+
+
 def summary_frame(results: list[dict]):
-    """The results as a pandas DataFrame (``input, status, frames, objects, seconds, output, error, warnings``)."""
+    """The results as a pandas DataFrame (columns :data:`SUMMARY_COLUMNS`)."""
     import pandas as pd
 
-    cols = ["input", "status", "frames", "objects", "seconds", "output", "error", "warnings"]
-    rows = [{**{c: r.get(c) for c in cols}, "warnings": "; ".join(r.get("warnings") or []) or None} for r in results]
-    return pd.DataFrame(rows, columns=cols)
+    rows = [{**{c: r.get(c) for c in SUMMARY_COLUMNS}, "warnings": "; ".join(r.get("warnings") or []) or None}
+            for r in results]
+    return pd.DataFrame(rows, columns=SUMMARY_COLUMNS)
+
+
+def append_summary(out_dir: str | os.PathLike, results: list[dict]) -> Path:
+    """Add rows to ``OUT/summary.csv``, the record of every run on that folder (one row per input and
+    run, newest last); the file is replaced whole, so it is never left half-written. A summary with other
+    columns (another version's) is kept as ``summary.DATE.csv`` and a new one started."""
+    from .io.atomic import atomic_path
+
+    path = Path(out_dir) / SUMMARY_NAME
+    previous = b""
+    if path.is_file():
+        previous = path.read_bytes()
+        if previous.split(b"\n", 1)[0].decode(errors="replace").strip() != ",".join(SUMMARY_COLUMNS):
+            stamp = time.strftime("%Y%m%dT%H%M%S", time.localtime(path.stat().st_mtime))
+            os.replace(path, path.with_name(f"summary.{stamp}.csv"))
+            previous = b""
+    if previous and not previous.endswith(b"\n"):
+        previous += b"\n"
+    table = summary_frame(results).to_csv(index=False, header=not previous).encode()
+    with atomic_path(path, overwrite=True) as tmp:
+        tmp.write_bytes(previous + table)
+    return path
 
 
 def format_summary(results: list[dict]) -> str:

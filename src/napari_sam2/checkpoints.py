@@ -9,15 +9,24 @@ Downloads go to a temporary file in the cache folder and are renamed into place 
 they are complete and verified, so a file with a checkpoint's final name is always whole.
 Files are always read with ``torch.load(..., weights_only=True)``: a checkpoint is data and
 must never be able to run code.
+
+An official file found in the cache or in ``./model`` is checked against its published SHA-256
+(sam2.1 files have one) the first time it is used; the result is remembered in a hidden record
+next to it (``.<filename>.sha256.json``), keyed by the file's size and modification time, so
+later starts do not read the whole file again. Files passed explicitly are never hash-checked:
+they may be the user's own fine-tuned weights.
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import http.client
+import json
 import os
 import pickle
 import re
+import stat
 import tempfile
 import urllib.error
 import urllib.request
@@ -30,21 +39,23 @@ import torch
 from napari_sam2.modeling.configs import CONFIGS, get_config
 
 __all__ = [
+    "REGISTRY",
     "CheckpointEntry",
     "CheckpointError",
     "DownloadError",
     "HashMismatchError",
-    "REGISTRY",
     "cache_dir",
-    "search_paths",
+    "checkpoint_status",
     "checkpoint_url",
-    "find_checkpoint",
-    "is_cached",
     "download_checkpoint",
-    "resolve_checkpoint",
-    "load_state_dict",
+    "find_checkpoint",
     "identify_state_dict",
+    "is_cached",
+    "load_state_dict",
     "load_weights",
+    "resolve_checkpoint",
+    "search_paths",
+    "verify_cached",
 ]
 
 #: Environment variable that replaces the default cache folder.
@@ -66,7 +77,7 @@ class DownloadError(CheckpointError):
 
 
 class HashMismatchError(CheckpointError):
-    """A downloaded file does not have the published SHA-256."""
+    """A downloaded or cached official file does not have the published SHA-256."""
 
 
 @dataclass(frozen=True)
@@ -160,19 +171,156 @@ def checkpoint_url(name: str) -> str:
     return entry.url
 
 
-def find_checkpoint(name: str) -> Path | None:
-    """An existing checkpoint file for ``name`` in :func:`search_paths`, or None."""
+def find_checkpoint(name: str, *, verify: bool = False) -> Path | None:
+    """An existing checkpoint file for ``name`` in :func:`search_paths`, or None.
+
+    Parameters
+    ----------
+    name : str
+        Config name, e.g. ``"sam2.1_hiera_tiny"``.
+    verify : bool
+        Check the file found with :func:`verify_cached` (the first time only; the result is
+        remembered). False: just look, which never reads the file.
+
+    Raises
+    ------
+    HashMismatchError
+        With ``verify=True``: the file found is not the official one.
+    """
     entry = _get_entry(name)
     for folder in search_paths():
         candidate = folder / entry.filename
         if candidate.is_file():
+            if verify:
+                verify_cached(name, candidate)
             return candidate
     return None
 
 
 def is_cached(name: str) -> bool:
-    """Whether a checkpoint for ``name`` is available without downloading."""
+    """Whether a file for ``name`` is in :func:`search_paths` (not hash-checked: cheap)."""
     return find_checkpoint(name) is not None
+
+
+def verify_cached(name: str, path: str | os.PathLike) -> None:
+    """Check that ``path`` is the official checkpoint ``name``, if it has a published SHA-256.
+
+    The file is hashed once; the hash is remembered in a hidden record next to it
+    (``.<filename>.sha256.json``) together with the file's size and ``mtime_ns``, so that later
+    calls cost a ``stat`` and a tiny read. A changed file is hashed again. A folder that cannot be written to
+    just means hashing every time. The file itself is never changed or removed.
+
+    Parameters
+    ----------
+    name : str
+        Config name, e.g. ``"sam2.1_hiera_tiny"``.
+    path : path-like
+        The file found for it in the cache or in ``./model``.
+
+    Raises
+    ------
+    HashMismatchError
+        The file's SHA-256 differs from the published one. The message says how to fix it.
+    CheckpointError
+        The file cannot be read.
+    """
+    entry = _get_entry(name)
+    if entry.sha256 is None:  # nothing published to compare with (the original sam2 files)
+        return
+    path = Path(path)
+    digest = _remembered_sha256(path)
+    if digest != entry.sha256:
+        raise HashMismatchError(
+            f"The file at {path} is not the official {name} checkpoint (expected sha256 "
+            f"{entry.sha256}, got {digest}). The file was left as it is. To fix it, delete it and "
+            f"run `napari-sam2 download {name} --force` (or download {entry.url} yourself and "
+            f"save it as {path}). If it is your own fine-tuned weights, rename it and pass it "
+            f"explicitly with --checkpoint PATH (checkpoint=PATH in Python)."
+        )
+
+
+def checkpoint_status(name: str) -> tuple[Path | None, str]:
+    """Where the checkpoint for ``name`` is and whether it is the official file; never raises.
+
+    For listings such as ``napari-sam2 models``. Hashes the file if it was not checked before.
+
+    Returns
+    -------
+    path : pathlib.Path or None
+        The file :func:`resolve_checkpoint` would use, or None if there is none.
+    status : str
+        ``"not found"``, ``"verified"``, ``"unverified (no published sha256)"``, or a text
+        starting with ``"NOT the official file"`` or ``"unreadable"`` that says what to do.
+    """
+    entry = _get_entry(name)
+    path = find_checkpoint(name)
+    if path is None:
+        return None, "not found"
+    if entry.sha256 is None:
+        return path, "unverified (no published sha256)"
+    try:
+        digest = _remembered_sha256(path)
+    except CheckpointError as exc:
+        return path, f"unreadable: {exc}"
+    if digest != entry.sha256:
+        return path, (
+            f"NOT the official file (expected sha256 {entry.sha256[:12]}..., got "
+            f"{digest[:12]}...): delete it and run `napari-sam2 download {name} --force`, or "
+            f"rename it and pass it with --checkpoint"
+        )
+    return path, "verified"
+
+
+def _record_path(path: Path) -> Path:
+    # Hidden, and never equal to a checkpoint's name, so find_checkpoint cannot pick it up.
+    return path.with_name(f".{path.name}.sha256.json")
+
+
+def _sha256_file(path: Path) -> str:
+    sha = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(_CHUNK):
+            sha.update(chunk)
+    return sha.hexdigest()
+
+
+def _remembered_sha256(path: Path) -> str:
+    """SHA-256 of ``path``, from its record if size and mtime_ns still match, else hashed."""
+    try:
+        before = path.stat()
+        try:
+            record = json.loads(_record_path(path).read_text())
+            if (record["size"], record["mtime_ns"]) == (before.st_size, before.st_mtime_ns):
+                return str(record["sha256"])
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # no record, or an unusable one: hash again
+        digest = _sha256_file(path)
+        after = path.stat()
+    except OSError as exc:
+        raise CheckpointError(f"Cannot read checkpoint file {path}: {exc}") from exc
+    # A file that changed while it was read may not match the digest: do not remember it.
+    if (after.st_size, after.st_mtime_ns) == (before.st_size, before.st_mtime_ns):
+        _remember_sha256(path, digest, after)
+    return digest
+
+
+def _remember_sha256(path: Path, digest: str, st: os.stat_result) -> None:
+    """Write the record for ``path``; best effort, since it only saves time."""
+    record = {"size": st.st_size, "mtime_ns": st.st_mtime_ns, "sha256": digest}
+    target = _record_path(path)
+    try:
+        # Written to a temporary file and renamed, so that a process reading concurrently
+        # (e.g. Dask workers sharing the cache) never sees half a record.
+        fd, tmp = tempfile.mkstemp(prefix=f"{target.name}.", suffix=".tmp", dir=target.parent)
+    except OSError:
+        return  # read-only folder: just do not remember
+    try:
+        with os.fdopen(fd, "w") as out:
+            json.dump(record, out)
+        os.chmod(tmp, 0o644)  # mkstemp makes it private; a shared cache must stay readable
+        os.replace(tmp, target)
+    except OSError:
+        Path(tmp).unlink(missing_ok=True)
 
 
 def _manual_hint(url: str, filename: str) -> str:
@@ -250,6 +398,10 @@ def download_checkpoint(name: str, *, progress: bool = True, url: str | None = N
         # Also on KeyboardInterrupt: never leave temporary junk behind.
         tmp.unlink(missing_ok=True)
         raise
+    if entry.sha256 is not None:
+        # The file was hashed while it arrived: remember it, so the next start need not.
+        with contextlib.suppress(OSError):
+            _remember_sha256(target, digest, target.stat())
     return target
 
 
@@ -314,25 +466,30 @@ def resolve_checkpoint(
     name : str
         Config name, e.g. ``"sam2.1_hiera_tiny"``.
     checkpoint : path-like, optional
-        Use this file; it must exist.
+        Use this file; it must exist. It is not hash-checked: it may be fine-tuned weights.
     download : bool
         Download the file if it is not found locally. If False, a missing file is an error.
 
     Returns
     -------
     pathlib.Path
-        An explicit ``checkpoint``, else a file found by :func:`find_checkpoint`, else a fresh
-        download.
+        An explicit ``checkpoint``, else a file found by :func:`find_checkpoint` (checked with
+        :func:`verify_cached`), else a fresh download.
+
+    Raises
+    ------
+    CheckpointError
+        ``checkpoint`` is missing, a folder or not a regular file; nothing was found and
+        ``download`` is False; or the download failed.
+    HashMismatchError
+        The file found in the cache or ``./model`` is not the official one.
     """
     entry = _get_entry(name)
     if checkpoint is not None:
         path = Path(checkpoint).expanduser()
-        if not path.is_file():
-            raise CheckpointError(
-                f"Checkpoint file {path} does not exist (given for model {name})."
-            )
+        _require_regular_file(path, f" (given for model {name})")
         return path
-    found = find_checkpoint(name)
+    found = find_checkpoint(name, verify=True)
     if found is not None:
         return found
     if not download:
@@ -365,29 +522,33 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     Raises
     ------
     CheckpointError
-        The file is missing, corrupt, truncated, not a torch file, or holds anything but
-        tensors (which ``weights_only=True`` refuses to unpickle, since it could run code).
+        The path is missing, a folder or not a regular file (a FIFO is never opened); or the
+        file is corrupt, truncated, not a torch file, or holds anything but tensors (Python
+        objects need code to rebuild; ``weights_only=True`` refuses them and we say so).
     """
     path = Path(path)
     advice = "Delete it and download it again (or pass the right file)."
-    if not path.is_file():
-        raise CheckpointError(f"Checkpoint file {path} does not exist.")
+    _require_regular_file(path)
     try:
         # weights_only=True, always: a pickle can run arbitrary code when loaded.
         data = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as exc:
-        # torch's own message suggests weights_only=False, which we must not echo; keep only
-        # the unpickler's reason. "Unsupported global" means a Python object, anything else
-        # means bytes that are not a valid pickle at all.
-        detail = _unpickler_reason(exc)
-        if "Unsupported global" in detail:
+        # torch's own message suggests weights_only=False, which we must not echo. A refused
+        # GLOBAL ("Unsupported global: GLOBAL __main__.Foo was not an allowed global", or for
+        # os and the like "unsupported GLOBAL posix.system whose module posix is blocked")
+        # means the pickle would build Python objects, i.e. run code; anything else means bytes
+        # that are not a valid pickle at all.
+        found = re.search(r"GLOBAL (\S+)", str(exc))
+        if found is not None:
             raise CheckpointError(
-                f"Checkpoint file {path} is corrupt or not a SAM2 checkpoint: it holds Python "
-                f"objects other than tensors, which are refused for safety ({detail}). {advice}"
+                f"Checkpoint file {path} contains executable code (Python objects: "
+                f"{found.group(1)}) and will not be loaded: a checkpoint must hold only tensors. "
+                f"Use the official file or re-save your weights with "
+                f"torch.save(model.state_dict(), path)."
             ) from exc
         raise CheckpointError(
             f"Checkpoint file {path} is corrupt, truncated or not a SAM2 checkpoint "
-            f"({detail}). {advice}"
+            f"({_unpickler_reason(exc)}). {advice}"
         ) from exc
     except Exception as exc:  # torch raises RuntimeError, EOFError, ValueError... for bad files
         raise CheckpointError(
@@ -409,6 +570,33 @@ def load_state_dict(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return dict(data)
 
 
+def _require_regular_file(path: Path, context: str = "") -> None:
+    """Raise CheckpointError unless ``path`` is a regular file; only stats it, never opens it
+    (opening a FIFO blocks until someone writes to it)."""
+    try:
+        mode = path.stat().st_mode
+    except FileNotFoundError:  # also a broken link
+        raise CheckpointError(f"Checkpoint file {path} does not exist{context}.") from None
+    except OSError as exc:
+        raise CheckpointError(f"Checkpoint file {path}{context} cannot be read: {exc}") from exc
+    if stat.S_ISDIR(mode):
+        try:
+            inside = sorted(p.name for p in path.glob("*.pt") if p.is_file())
+        except OSError:  # a folder we may not list: say so without a listing
+            inside = []
+        more = f" and {len(inside) - 3} more" if len(inside) > 3 else ""
+        what = f"it holds {', '.join(inside[:3])}{more}" if inside else "it holds no .pt files"
+        raise CheckpointError(
+            f"Checkpoint {path}{context} is a folder, not a file: pass the .pt file inside it "
+            f"instead ({what})."
+        )
+    if not stat.S_ISREG(mode):
+        raise CheckpointError(
+            f"Checkpoint {path}{context} is not a regular file (a pipe, socket or device); it "
+            f"was not opened. Pass the .pt checkpoint file itself."
+        )
+
+
 def _unpickler_reason(exc: BaseException) -> str:
     match = re.search(r"WeightsUnpickler error:\s*(.+)", str(exc))
     if match is None:
@@ -418,8 +606,10 @@ def _unpickler_reason(exc: BaseException) -> str:
 
 
 def _first_line(exc: BaseException) -> str:
-    text = str(exc).strip()
-    return text.splitlines()[0] if text else type(exc).__name__
+    """The first line of ``exc`` that is not torch's advice to load with weights_only=False."""
+    lines = [line.strip() for line in str(exc).splitlines()]
+    kept = [line for line in lines if line and "weights_only" not in line]
+    return kept[0] if kept else type(exc).__name__
 
 
 _BLOCK_KEY = re.compile(r"^image_encoder\.trunk\.blocks\.(\d+)\.")
@@ -477,8 +667,10 @@ def load_weights(
     Raises
     ------
     CheckpointError
-        Keys missing or unexpected, or shapes that differ. The model is left untouched. The
-        message lists the offending keys and which model the file looks like.
+        Keys missing or unexpected, shapes that differ, NaN or infinite values, or an integer
+        or bool tensor where the model has a floating one. The model is left untouched. The
+        message lists the offending keys and, for key or shape problems, which model the file
+        looks like.
     """
     own = model.state_dict()
     missing = [k for k in own if k not in sd]
@@ -509,10 +701,56 @@ def load_weights(
         if looks_like is not None and looks_like != name:
             parts.append(f"Use model name {looks_like!r} for this file, or the {name} checkpoint.")
         raise CheckpointError(" ".join(parts))
+    _check_values(sd, own, name, source)
     try:
         model.load_state_dict(dict(sd), strict=True)
     except RuntimeError as exc:  # e.g. a dtype that cannot be copied
         raise CheckpointError(f"Could not load weights for {name}: {exc}") from exc
+
+
+def _check_values(
+    sd: Mapping[str, torch.Tensor],
+    own: Mapping[str, torch.Tensor],
+    name: str,
+    source: str | os.PathLike | None,
+) -> None:
+    """Refuse NaN/inf weights and non-float tensors for float parameters.
+
+    torch would load both without a word (it casts integers to float) and the model would then
+    predict nothing, which looks like a segmentation problem rather than a bad file.
+    """
+    not_finite, not_float = [], []
+    for key, mine in own.items():
+        theirs = sd[key]
+        if mine.is_floating_point() and not theirs.is_floating_point():
+            not_float.append(key)
+        elif theirs.is_floating_point() and not _all_finite(theirs):
+            not_finite.append(key)
+    if not (not_finite or not_float):
+        return
+    where = f" {source}" if source is not None else ""
+    parts = [f"Checkpoint{where} cannot be used for {name}:"]
+    if not_finite:
+        n = len(not_finite)
+        verb = "tensor holds" if n == 1 else "tensors hold"
+        parts.append(f"{n} {verb} NaN or infinite values: {_shortlist(not_finite)};")
+    if not_float:
+        n = len(not_float)
+        verb = "tensor is" if n == 1 else "tensors are"
+        dtypes = ", ".join(sorted({str(sd[k].dtype) for k in not_float}))
+        parts.append(f"{n} {verb} not floating point ({dtypes}): {_shortlist(not_float)};")
+    parts.append(
+        "the file is damaged or was saved from a diverged training run. The model was not "
+        f"changed. Use the official file (`napari-sam2 download {name} --force`) or weights "
+        "saved from an earlier, healthy training step."
+    )
+    raise CheckpointError(" ".join(parts))
+
+
+def _all_finite(t: torch.Tensor) -> bool:
+    # The sum is NaN or inf whenever an element is, and costs a fraction of isfinite(t); only
+    # a non-finite sum (a bad value, or an overflow of large ones) needs the exact check.
+    return bool(torch.isfinite(t.sum())) or bool(torch.isfinite(t).all())
 
 
 def _shortlist(items: list[str], limit: int = 10) -> str:

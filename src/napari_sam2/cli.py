@@ -16,8 +16,9 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import signal
 import sys
-import tempfile
+import threading
 from pathlib import Path
 
 __all__ = ["main", "build_parser"]
@@ -97,6 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--image-size", type=int, metavar="N", help="network input size, a multiple of 64 (default 1024; smaller is faster)")
     seg.add_argument("--axes", metavar="AXES", help="axes of the inputs, e.g. TYX, TCYX, YXT (default: from the file)")
     seg.add_argument("--channel", type=_positive_int, metavar="N", help="channel to segment (multichannel stacks)")
+    seg.add_argument("--z", type=_positive_int, metavar="N", help="Z plane to segment (stacks with a Z axis)")
+    seg.add_argument("--z-project", choices=("max", "mean", "min"), help="segment a projection along Z instead")
+    seg.add_argument("--along", choices=("T", "Z"), type=str.upper, help="propagate through time (T, default) or "
+                     "through the planes of a volume (Z)")
+    seg.add_argument("--t", type=_positive_int, metavar="T", help="time point of the volume for --along Z")
     seg.add_argument("--direction", choices=("both", "forward", "backward"), default="both",
                      help="propagate from the earliest prompted frame forward and/or the latest backward (default both)")
     seg.add_argument("--mask-frame", type=_positive_int, default=0, metavar="T",
@@ -136,19 +142,76 @@ def _error(message: str) -> int:
 
 
 def _check_out_dir(out: str) -> str | None:
-    """None if ``out`` can be created and written to, else why not."""
+    """None if the output folder ``out`` exists as a writable folder or can be created; else why not.
+    Creates nothing: a run that fails before writing leaves no empty folder behind."""
+    path = Path(out).expanduser().absolute()
+    if path.exists() and not path.is_dir():
+        return f"the output folder '{out}' exists and is not a folder. Choose another --out."
+    existing = path
+    while not existing.exists():
+        existing = existing.parent
+    if not existing.is_dir():
+        return f"cannot write to the output folder '{out}': '{existing}' is not a folder. Choose another --out."
+    if not os.access(existing, os.W_OK | os.X_OK):
+        where = "" if existing == path else f" (it would be created in '{existing}')"
+        return f"cannot write to the output folder '{out}'{where}: permission denied. Choose a folder you can write to."
+    return None
+
+
+def _not_regular(path: str, what: str) -> str | None:
+    """Why ``path`` (that exists) cannot be read as a ``what`` file: a folder, a FIFO, a device."""
+    import stat
+
+    mode = os.stat(path).st_mode
+    if stat.S_ISREG(mode):
+        return None
+    if stat.S_ISDIR(mode):
+        return f"{what} '{path}' is a folder, not a file"
+    kind = "a named pipe (FIFO)" if stat.S_ISFIFO(mode) else "a socket" if stat.S_ISSOCK(mode) else "a device"
+    return f"{what} '{path}' is {kind}, not a regular file: pass a file"
+
+
+def _check_checkpoint(path: str) -> str | None:
+    if not os.path.exists(path):
+        return f"checkpoint file '{path}' does not exist"
+    problem = _not_regular(path, "checkpoint")
+    if problem and os.path.isdir(path):
+        found = sorted(p.name for p in Path(path).glob("*.pt"))[:3]
+        hint = f" (it holds {', '.join(found)})" if found else ""
+        return f"{problem}: pass the .pt file inside it{hint}, e.g. --checkpoint {Path(path) / (found or ['NAME.pt'])[0]}"
+    return problem
+
+
+def _check_prompts(path: str) -> str | None:
+    """Why ``--prompts`` cannot be used (read once here, not once per input)."""
+    from .batch import read_prompts
+    from .prompts import PromptError
+
+    if not os.path.exists(path):
+        return f"prompts file '{path}' does not exist"
+    if os.path.isdir(path):
+        return None  # a folder with one file per input, read per input
+    problem = _not_regular(path, "prompts file")
+    if problem:
+        return problem
     try:
-        Path(out).mkdir(parents=True, exist_ok=True)
-        with tempfile.NamedTemporaryFile(dir=out, prefix=".napari-sam2-write-test-"):
-            pass
-    except OSError as exc:
-        reason = exc.strerror or str(exc)
-        return f"cannot write to the output folder '{out}': {reason}. Choose a folder you can write to."
+        read_prompts(path)
+    except PromptError as exc:
+        return str(exc)
+    return None
+
+
+def _check_planes(args: argparse.Namespace) -> str | None:
+    if args.z is not None and args.z_project is not None:
+        return "give either --z (one plane) or --z-project (a projection), not both"
+    if args.t is not None and args.along != "Z":
+        return "--t picks the time point of a volume for --along Z; leave it out otherwise"
     return None
 
 
 def _segment(args: argparse.Namespace) -> int:
-    from .batch import format_summary, make_jobs, run_batch, summary_frame
+    from .batch import append_summary, check_job_outputs, format_summary, make_jobs, run_batch
+    from .io.lock import OutputLockedError
     from .modeling.configs import CONFIGS
 
     if args.model not in CONFIGS:
@@ -161,13 +224,12 @@ def _segment(args: argparse.Namespace) -> int:
         return _error("--detect-new K needs K >= 1 (look for new cells every K frames)")
     if (args.detect_new or args.detect_divisions) and args.direction == "backward":
         return _error("--detect-new / --detect-divisions work while propagating forward: use --direction forward or both")
-    if args.checkpoint and not os.path.isfile(args.checkpoint):
-        return _error(f"checkpoint file '{args.checkpoint}' does not exist")
     if args.overwrite and args.skip_existing:
         return _error("--overwrite and --skip-existing contradict each other: choose one")
-    problem = _check_out_dir(args.out)
-    if problem:
-        return _error(problem)
+    for problem in (args.checkpoint and _check_checkpoint(args.checkpoint), _check_out_dir(args.out),
+                    _check_planes(args)):
+        if problem:
+            return _error(problem)
     auto = dict(args.auto_param) if args.auto else None
     detect_new = None
     if args.detect_new:
@@ -180,27 +242,27 @@ def _segment(args: argparse.Namespace) -> int:
             try:
                 _auto_parameters(params)
             except ValueError as exc:
-                return _error(str(exc))
+                return _error(f"--auto-param: {exc}")
     if args.prompts is not None:
-        if not os.path.exists(args.prompts):
-            return _error(f"prompts file '{args.prompts}' does not exist")
-        if os.path.isfile(args.prompts):
-            from .prompts import PromptError, read_prompts_file
-
-            try:
-                read_prompts_file(args.prompts)  # a broken file fails once, not once per input
-            except PromptError as exc:
-                return _error(str(exc))
+        problem = _check_prompts(args.prompts)
+        if problem:
+            return _error(problem)
     if args.threads:
         import torch
 
         torch.set_num_threads(args.threads)
     options = {"model": args.model, "checkpoint": args.checkpoint, "device": args.device, "image_size": args.image_size,
-               "axes": args.axes, "channel": args.channel, "direction": args.direction, "mask_frame": args.mask_frame,
+               "axes": args.axes, "channel": args.channel, "z": args.z, "z_project": args.z_project,
+               "along": args.along, "t": args.t, "direction": args.direction, "mask_frame": args.mask_frame,
                "detect_new": detect_new, "detect_divisions": True if args.detect_divisions else None}
     jobs = make_jobs(args.inputs, args.out, fmt=args.format, prompts=args.prompts, auto=auto, options=options,
                      overwrite=args.overwrite, skip_existing=args.skip_existing, threads=args.threads,
                      progress=not args.no_progress)
+    # nothing may write over what is read: every input, the prompts, the checkpoint, and the summary
+    sources = [j.input for j in jobs] + [p for p in (args.prompts, args.checkpoint) if p]
+    for problem in [check_job_outputs(j, sources) for j in jobs] + [_summary_clash(args.out, sources)]:
+        if problem:
+            return _error(f"{problem}. Nothing was done.")
     predictor = None
     if args.scheduler is None and any(j.error is None for j in jobs):
         from .predictor.video import build_video_predictor
@@ -210,18 +272,31 @@ def _segment(args: argparse.Namespace) -> int:
                                               image_size=args.image_size)
         except Exception as exc:  # CheckpointError, DownloadError, ValueError (device)
             return _error(f"could not load model {args.model}: {exc}")
+
+    def record(row: dict) -> None:  # as each input finishes: the summary never lags behind the files
+        try:
+            append_summary(args.out, [row])
+        except OSError as exc:
+            print(f"napari-sam2: warning: could not update {Path(args.out) / 'summary.csv'}: {exc}", file=sys.stderr)
+
     try:
-        results = run_batch(jobs, scheduler=args.scheduler, predictor=predictor, progress=not args.no_progress)
-    except OSError as exc:  # e.g. no scheduler at that address
+        results = run_batch(jobs, scheduler=args.scheduler, predictor=predictor, progress=not args.no_progress,
+                            on_result=record)
+    except OutputLockedError as exc:
+        return _error(str(exc))
+    except OSError as exc:  # e.g. no scheduler at that address, or the output folder cannot be made
+        if args.scheduler is None:
+            return _error(str(exc))
         return _error(f"could not run on the Dask scheduler {args.scheduler!r}: {exc}")
     print(format_summary(results))
-    try:
-        from .io import write_tracks_csv
-
-        write_tracks_csv(Path(args.out) / "summary.csv", summary_frame(results), overwrite=True)
-    except OSError as exc:
-        print(f"napari-sam2: warning: could not write summary.csv: {exc}", file=sys.stderr)
     return 1 if any(r["status"] == "failed" for r in results) else 0
+
+
+def _summary_clash(out: str, sources: list[str]) -> str | None:
+    summary = os.path.realpath(Path(out) / "summary.csv")
+    if any(os.path.realpath(s) == summary for s in sources):
+        return f"'{Path(out) / 'summary.csv'}' is an input, and this run would update it: choose another --out"
+    return None
 
 
 def _evaluate(args: argparse.Namespace) -> int:
@@ -243,33 +318,44 @@ def _evaluate(args: argparse.Namespace) -> int:
 
 
 def _models(args: argparse.Namespace) -> int:
-    from .checkpoints import REGISTRY, cache_dir, find_checkpoint
+    from .checkpoints import REGISTRY, cache_dir, checkpoint_status
     from .modeling.configs import CONFIGS
 
     rows = [("name", "version", "size", "cached", "path")]
+    problems = []
     for name, entry in REGISTRY.items():
         cfg = CONFIGS[name]
-        found = find_checkpoint(name)
-        if found is not None:
-            size = f"{cfg.size} ({found.stat().st_size / 2**20:.0f} MiB)"
-            rows.append((name, cfg.version, size, "yes", str(found)))
-        else:
+        found, status = checkpoint_status(name)  # hashes an unchecked official file once, then remembers it
+        if found is None:
             rows.append((name, cfg.version, cfg.size, "no", str(cache_dir() / entry.filename)))
+            continue
+        size = f"{cfg.size} ({found.stat().st_size / 2**20:.0f} MiB)"
+        if status == "verified" or status.startswith("unverified"):
+            rows.append((name, cfg.version, size, "yes", f"{found}  [{status}]"))
+        else:  # not the official file, or unreadable: never called cached
+            rows.append((name, cfg.version, size, "BAD", str(found)))
+            problems.append(f"{name}: {found}: {status}")
     widths = [max(len(r[i]) for r in rows) for i in range(4)]
     for row in rows:
         print("  ".join(c.ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4])
     print(f"\ncache folder: {cache_dir()} (set NAPARI_SAM2_CACHE to change it); ./model is searched too.")
+    for problem in problems:
+        print(f"napari-sam2: warning: {problem}", file=sys.stderr)
     return 0
 
 
 def _download(args: argparse.Namespace) -> int:
-    from .checkpoints import CheckpointError, download_checkpoint, find_checkpoint
+    from .checkpoints import CheckpointError, download_checkpoint, find_checkpoint, verify_cached
     from .modeling.configs import CONFIGS
 
     if args.name not in CONFIGS:
         return _error(f"unknown model {args.name!r}; choose one of: {', '.join(CONFIGS)}")
     found = find_checkpoint(args.name)
     if found is not None and not args.force:
+        try:
+            verify_cached(args.name, found)  # a file that is not the official one is not "already cached"
+        except CheckpointError as exc:
+            return _error(str(exc))
         print(f"{args.name} is already cached: {found} (use --force to download it again)")
         return 0
     try:
@@ -287,12 +373,35 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
+    previous = _terminate_like_interrupt()
     try:
         return {"segment": _segment, "evaluate": _evaluate, "models": _models,
                 "download": _download}[args.command](args)
-    except KeyboardInterrupt:
-        print("napari-sam2: interrupted", file=sys.stderr)
-        return 130
+    except KeyboardInterrupt as exc:
+        # finally-blocks have removed the unfinished outputs and spill folders on the way out
+        how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"
+        print(f"napari-sam2: {how}: finished results were kept, unfinished ones removed; run again with "
+              "--skip-existing to do the rest", file=sys.stderr)
+        return 143 if isinstance(exc, Terminated) else 130
+    finally:
+        if previous is not None:
+            signal.signal(signal.SIGTERM, previous)
+
+
+class Terminated(KeyboardInterrupt):
+    """SIGTERM (what ``kill``, schedulers and job queues send), handled like Ctrl-C."""
+
+
+def _raise_terminated(signum, frame):
+    raise Terminated()
+
+
+def _terminate_like_interrupt():
+    """Make SIGTERM unwind like Ctrl-C (Python's default dies on the spot, leaving temporaries behind);
+    returns the previous handler, or None where handlers cannot be set (not the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, _raise_terminated)
 
 
 if __name__ == "__main__":  # pragma: no cover

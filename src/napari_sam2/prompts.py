@@ -446,7 +446,8 @@ def _split_table(df: pd.DataFrame, source: str) -> dict[str, Any]:
     if not has_points and not has_boxes:
         _missing(df, ("t", "y", "x"), "points", source)  # raises, naming what is missing
     if len(df) == 0:
-        raise PromptError(f"prompts file {source} has no rows")
+        raise PromptError(f"prompts file {source} holds no prompt (it has no rows): add clicks or boxes to it, "
+                          "or use --auto instead of --prompts to seed objects automatically")
     point_rows = df
     box_rows = df.iloc[0:0]
     if has_boxes:

@@ -1,23 +1,28 @@
 """Write-then-rename: outputs appear complete or not at all.
 
 Every writer writes under a temporary name in the destination folder
-(``.NAME.partial-XXXXXXXX``, hidden and clearly unfinished) and renames it to
-the final name only once everything is written. A crash or an exception leaves
-no file or folder under the final name; the temporary is removed when Python
-gets the chance.
+(``.NAME.partial-PID@HOST-XXXXXXXX``, hidden and clearly unfinished) and renames
+it to the final name only once everything is written. A crash or an exception
+leaves no file or folder under the final name; the temporary is removed when
+Python gets the chance, and by :func:`remove_stale_partials` of a later run when
+the process that made it died without that chance (``kill -9``, power cut).
 """
 
 from __future__ import annotations
 
 import errno as _errno
 import os
+import re
 import shutil
 import uuid
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Iterator
 
+from .owner import TAG_PATTERN, owner_tag, remove_stale
+
 PARTIAL_MARK = ".partial-"
+_PARTIAL_NAME = r"\..+" + re.escape(PARTIAL_MARK) + TAG_PATTERN + r"-[0-9a-f]{8}"
 
 
 class OutputWriteError(OSError):
@@ -39,7 +44,7 @@ class OutputWriteError(OSError):
 
 def write_error(exc: OSError, path: Path) -> OutputWriteError:
     """Wrap an `OSError` into an `OutputWriteError` whose message names `path`."""
-    reason = exc.strerror or str(exc)
+    reason = exc.strerror or (os.strerror(exc.errno) if exc.errno else str(exc))
     if exc.errno == _errno.ENOSPC:
         advice = "free some disk space or write somewhere else"
     elif exc.errno in (_errno.EACCES, _errno.EPERM, _errno.EROFS):
@@ -53,8 +58,13 @@ def write_error(exc: OSError, path: Path) -> OutputWriteError:
 
 
 def temporary_sibling(path: Path) -> Path:
-    """A fresh hidden temporary name next to `path`: ``.NAME.partial-XXXXXXXX``."""
-    return path.parent / f".{path.name}{PARTIAL_MARK}{uuid.uuid4().hex[:8]}"
+    """A fresh hidden temporary name next to `path`: ``.NAME.partial-PID@HOST-XXXXXXXX``."""
+    return path.parent / f".{path.name}{PARTIAL_MARK}{owner_tag()}-{uuid.uuid4().hex[:8]}"
+
+
+def remove_stale_partials(folder: str | os.PathLike) -> list[Path]:
+    """Remove the temporaries in `folder` left by dead processes of this machine."""
+    return remove_stale(folder, _PARTIAL_NAME)
 
 
 def _remove(path: Path) -> None:

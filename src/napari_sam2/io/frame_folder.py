@@ -12,8 +12,8 @@ from __future__ import annotations
 import os
 import re
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import dask
 import dask.array as da
@@ -22,7 +22,7 @@ import tifffile
 from dask.base import tokenize
 
 from .axes import guess_axes, map_tiff_axes, to_canonical, validate_axes
-from .stack import Stack, StackReadError
+from .stack import Stack, StackReadError, non_regular_kind
 
 FRAME_SUFFIXES = (".tif", ".tiff", ".png", ".jpg", ".jpeg")
 _DIGITS = re.compile(r"(\d+)")
@@ -51,10 +51,18 @@ def list_frame_files(folder: Path) -> list[Path]:
     StackReadError
         If the folder holds no image files, or several different sequences
         (e.g. ``t###.tif`` and ``mask###.tif``): pass a glob such as
-        ``"folder/t*.tif"`` to choose one.
+        ``"folder/t*.tif"`` to choose one; or if an image name is a named pipe,
+        socket or device (it is never opened: reading a FIFO blocks forever).
     """
-    files = [p for p in folder.iterdir()
-             if p.is_file() and not p.name.startswith(".") and p.suffix.lower() in FRAME_SUFFIXES]
+    files = []
+    for p in folder.iterdir():
+        if p.name.startswith(".") or p.suffix.lower() not in FRAME_SUFFIXES:
+            continue
+        kind = non_regular_kind(p)
+        if kind is not None:
+            raise _not_regular(p, kind)
+        if p.is_file():
+            files.append(p)
     if not files:
         raise StackReadError(
             f"folder '{folder}' contains no image frames (looked for "
@@ -65,7 +73,7 @@ def list_frame_files(folder: Path) -> list[Path]:
         families[_family(p.name)].append(p)
     if len(families) > 1:
         listing = ", ".join(
-            f"{_pattern(sorted(v, key=lambda p: natural_key(p.name))[0].name)} ({len(v)} files)"
+            f"{_pattern(min(v, key=lambda p: natural_key(p.name)).name)} ({len(v)} files)"
             for v in sorted(families.values(), key=len, reverse=True)
         )
         raise StackReadError(
@@ -75,8 +83,18 @@ def list_frame_files(folder: Path) -> list[Path]:
     return sorted(files, key=lambda p: natural_key(p.name))
 
 
+def _not_regular(path: Path, kind: str) -> StackReadError:
+    return StackReadError(
+        f"frame '{path}' is not a regular file (it is {kind}); it was not opened (reading it "
+        "could block forever): remove it from the folder or replace it with the image file"
+    )
+
+
 def read_image_file(path: Path) -> np.ndarray:
     """Read one whole image file (TIFF via tifffile, PNG/JPEG via imageio)."""
+    kind = non_regular_kind(path)
+    if kind is not None:
+        raise _not_regular(path, kind)
     try:
         if path.suffix.lower() in (".tif", ".tiff"):
             return tifffile.imread(path)
@@ -141,6 +159,10 @@ def read_frames(files: Sequence[Path], axes: str | None = None,
     files = [Path(f) for f in files]
     if not files:
         raise StackReadError(f"no image frames found at '{source}'")
+    for f in files:  # a FIFO among the frames would hang the first read of it
+        kind = non_regular_kind(f)
+        if kind is not None:
+            raise _not_regular(f, kind)
     first = read_image_file(files[0])
     shape, dtype = first.shape, first.dtype
     name = "frames-" + tokenize([str(f) for f in files], shape, dtype.str)

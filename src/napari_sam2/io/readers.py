@@ -22,11 +22,11 @@ import numpy as np
 
 from .axes import guess_axes, to_canonical, validate_axes
 from .frame_folder import FRAME_SUFFIXES, natural_key, read_frame_folder, read_frames
-from .stack import Stack, StackReadError
+from .stack import Stack, StackReadError, check_pixel_dtype, non_regular_kind
 from .tiff_source import TIFF_SUFFIXES, read_tiff
 from .zarr_source import is_zarr_path, read_zarr
 
-__all__ = ["open_stack", "select", "Stack", "StackReadError"]
+__all__ = ["Stack", "StackReadError", "open_stack", "select"]
 
 _Z_PROJECTIONS = ("max", "mean", "min")
 
@@ -94,9 +94,17 @@ def open_stack(source: Any, axes: str | None = None) -> Stack:
     StackReadError
         (a `ValueError`) if the file type is unknown, the file is corrupt or
         truncated, a folder holds no frames, or frames disagree in shape.
+        Also if the pixels are not intensities (dtype bool, complex, object,
+        strings) or the path is a named pipe, socket or device (never opened).
     ValueError
         If `axes` does not fit the data.
     """
+    stack = _open(source, axes)
+    check_pixel_dtype(stack.dtype, None if stack.path is None else f"'{stack.path}'")
+    return stack
+
+
+def _open(source: Any, axes: str | None) -> Stack:
     if isinstance(source, Stack):
         if axes is not None and validate_axes(axes, source.shape, "the stack") != source.axes:
             raise ValueError(f"the stack already has axes {source.axes!r}; "
@@ -109,7 +117,7 @@ def open_stack(source: Any, axes: str | None = None) -> Stack:
         if missing:
             raise FileNotFoundError(f"{len(missing)} frame file(s) do not exist, e.g. '{missing[0]}'")
         return read_frames(files, axes=axes, source=files[0].parent)
-    if isinstance(source, da.Array) or isinstance(source, np.ndarray):
+    if isinstance(source, (da.Array, np.ndarray)):
         return _from_array(source, axes)
     if isinstance(source, (list, tuple)) and source and all(
             hasattr(f, "shape") and hasattr(f, "dtype") for f in source):
@@ -131,7 +139,7 @@ def open_stack(source: Any, axes: str | None = None) -> Stack:
     text = os.fspath(source)
     if any(ch in text for ch in "*?[") and not Path(text).exists():
         files = sorted((Path(p) for p in glob.glob(text)), key=lambda p: natural_key(p.name))
-        files = [p for p in files if p.is_file()]
+        files = [p for p in files if not p.is_dir()]  # read_frames refuses pipes and devices
         if not files:
             raise FileNotFoundError(f"no files match the pattern '{text}'")
         return read_frames(files, axes=axes, source=Path(text))
@@ -140,6 +148,10 @@ def open_stack(source: Any, axes: str | None = None) -> Stack:
     if not path.exists():
         raise FileNotFoundError(f"image source '{path}' does not exist; check the path "
                                 f"(working directory: '{Path.cwd()}')")
+    kind = non_regular_kind(path)
+    if kind is not None:  # opening a FIFO would block forever: refuse before touching it
+        raise StackReadError(f"input '{path}' is not a regular file (it is {kind}): pass an image "
+                             "file, a folder of frames or a Zarr store")
     if is_zarr_path(path):
         return read_zarr(path, axes=axes)
     if path.is_dir():
@@ -230,7 +242,8 @@ def select(stack: Stack, channel: int | None = None, z: int | None = None,
         if channel is None:
             if n_channels != 1:
                 raise ValueError(f"the stack has {n_channels} channels (axes {stack.axes}, "
-                                 f"shape {stack.shape}); choose one with channel=0..{n_channels - 1}")
+                                 f"shape {stack.shape}); choose one with channel=0..{n_channels - 1} "
+                                 "(CLI: --channel N)")
             channel = 0
         if not isinstance(channel, (int, np.integer)) or isinstance(channel, bool):
             raise TypeError(f"channel must be an integer index, got {channel!r}")
@@ -264,9 +277,11 @@ def select(stack: Stack, channel: int | None = None, z: int | None = None,
             elif sizes["Z"] == 1:
                 take("Z", 0, "z", "Z plane")
             else:
-                raise ValueError(f"the stack has {sizes['Z']} Z planes (axes {stack.axes}); choose "
-                                 f"one with z=0..{sizes['Z'] - 1}, project with z_project='max', "
-                                 "or propagate through the volume with along='Z'")
+                n_z = sizes["Z"]
+                raise ValueError(f"the stack has {n_z} Z planes (axes {stack.axes}, shape "
+                                 f"{stack.shape}): pick one with z=0..{n_z - 1} (CLI: --z N), "
+                                 "project with z_project='max' (CLI: --z-project max), or "
+                                 "propagate through the volume with along='Z' (CLI: --along Z)")
         elif z not in (None, 0) or z_project is not None:
             raise ValueError(f"the stack has no Z axis (axes {stack.axes}); leave z and z_project out")
         if "T" not in axes:

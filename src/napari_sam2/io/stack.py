@@ -8,11 +8,14 @@ file: readers transpose lazily on the way in.
 
 from __future__ import annotations
 
+import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import dask.array as da
+import numpy as np
 
 #: The axis letters a `Stack` may carry, in their canonical order.
 CANONICAL_AXES = "TZCYX"
@@ -20,6 +23,86 @@ CANONICAL_AXES = "TZCYX"
 
 class StackReadError(ValueError):
     """An image source could not be read (corrupt, truncated, inconsistent or unsupported)."""
+
+
+_NUMERIC_HINT = ("pass integer (uint8, uint16, int32, ...) or floating-point (float32, float64) "
+                 "intensities")
+
+
+def check_pixel_dtype(dtype, where: str | None = None) -> None:
+    """Refuse pixels that are not intensities: bool, complex, object, strings, dates, records.
+
+    Parameters
+    ----------
+    dtype : numpy dtype
+        The dtype of the pixels.
+    where : str, optional
+        The source for the message, e.g. ``"TIFF file '/x/m.tif'"``; None for an in-memory array.
+
+    Raises
+    ------
+    StackReadError
+        (a `ValueError`) unless `dtype` is an integer or floating-point dtype.
+    """
+    dtype = np.dtype(dtype)
+    if dtype.kind in "iuf":
+        return
+    name = "bool" if dtype.kind == "b" else str(dtype)
+    if where is None:
+        head = f"cannot segment an array of dtype {name}"
+    else:
+        head = f"cannot segment {where}: its pixels have dtype {name}"
+    if dtype.kind == "b":
+        tail = (f"{_NUMERIC_HINT}; for a mask use it as a prompt (masks=; CLI: --prompts MASK.tif) "
+                "instead")
+    elif dtype.kind == "c":
+        tail = (f"{_NUMERIC_HINT}; take the magnitude first, e.g. np.abs(stack)"
+                + ("" if where is None else ", and save that"))
+    else:
+        tail = (f"{_NUMERIC_HINT}; convert the data to numbers first, e.g. "
+                "np.asarray(stack, dtype=np.float32)" + ("" if where is None else ", and save that"))
+    raise StackReadError(f"{head}: {tail}")
+
+
+def _file_kind(mode: int) -> str:
+    if stat.S_ISFIFO(mode):
+        return "a named pipe/FIFO"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    return "not a file or folder"
+
+
+def non_regular_kind(path: str | os.PathLike) -> str | None:
+    """What `path` is when it exists but is neither a regular file nor a folder, else None.
+
+    Symlinks are followed (a link to a regular file is fine); nothing is opened, so a
+    named pipe cannot block the caller.
+    """
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None  # missing or unreadable: the caller's own checks say so
+    if stat.S_ISREG(mode) or stat.S_ISDIR(mode):
+        return None
+    return _file_kind(mode)
+
+
+def check_regular_file(path: str | os.PathLike, what: str = "input") -> None:
+    """Raise `StackReadError` if `path` exists and is a named pipe, socket or device.
+
+    Opening a FIFO blocks until something writes to it, so image readers must refuse it
+    before opening anything.
+    """
+    kind = non_regular_kind(path)
+    if kind is not None:
+        raise StackReadError(
+            f"{what} '{path}' is not a regular file (it is {kind}): pass an image file, "
+            "a folder of frames or a Zarr store"
+        )
 
 
 @dataclass

@@ -24,7 +24,7 @@ import tifffile
 from dask.base import tokenize
 
 from .axes import map_tiff_axes, to_canonical, validate_axes
-from .stack import Stack, StackReadError
+from .stack import Stack, StackReadError, check_regular_file
 
 TIFF_SUFFIXES = (".tif", ".tiff", ".btf", ".tf8", ".tf2")
 
@@ -54,7 +54,7 @@ class _LogCapture(logging.Handler):
     def emit(self, record: logging.LogRecord) -> None:
         try:
             self.messages.append(record.getMessage())
-        except Exception:  # pragma: no cover - a broken log record must not hide the real error
+        except Exception:  # pragma: no cover - a broken log record must not hide the real error  # noqa: BLE001
             self.messages.append(str(record.msg))
 
 
@@ -276,6 +276,7 @@ def read_tiff(path: str | os.PathLike, axes: str | None = None) -> Stack:
         cannot be mapped to ``TZCYX``.
     """
     path = Path(path)
+    check_regular_file(path, "TIFF file")  # a named pipe would block tifffile forever
     filesize = path.stat().st_size
     with _capture_tifffile_log() as log:
         try:

@@ -10,6 +10,7 @@ click on any frame sees exactly what the official predictor would see.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 import weakref
@@ -17,6 +18,8 @@ from collections import OrderedDict
 
 import numpy as np
 import torch
+
+from ..io.owner import TAG_PATTERN, owner_tag, remove_stale
 
 ENTRY_KEYS = ("maskmem_features", "pred_masks", "obj_ptr", "object_score_logits")
 
@@ -129,11 +132,19 @@ class FrameStore:
                 self._on_disk[t] = True
 
 
+SPILL_PREFIX = "napari-sam2-spill-"
+
+
 class SpillDir:
-    """A temporary folder for spilled frames, removed when its owner goes away."""
+    """A temporary folder for spilled frames, removed when its owner goes away (its session is closed or
+    collected, or the interpreter exits, Ctrl-C and the CLI's SIGTERM included). Its name carries the
+    owner process (``napari-sam2-spill-PID@HOST-XXXX``), so that folders left by killed processes are
+    removed when the next one starts."""
 
     def __init__(self, parent: str | None = None):
-        self.path = tempfile.mkdtemp(prefix="napari-sam2-", dir=parent)
+        parent = parent or tempfile.gettempdir()
+        remove_stale(parent, re.escape(SPILL_PREFIX) + TAG_PATTERN + r"-.+")
+        self.path = tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}{owner_tag()}-", dir=parent)
         self._finalizer = weakref.finalize(self, shutil.rmtree, self.path, True)
 
     def sub(self, name: str) -> str:
