@@ -450,8 +450,9 @@ def segment_stack(
                             tracker = LineageTracker(run, state, video, ids, new_params, div_params, rgb=rgb)
                             tracker.propagate(s, emit)
                             continue
-                        for t, frame_ids, logits in run.propagate_in_video(state, start_frame_idx=s, reverse=reverse):
-                            emit(t, masks_to_labels(logits, frame_ids))
+                        for frame_idx, frame_ids, logits in run.propagate_in_video(state, start_frame_idx=s,
+                                                                                    reverse=reverse):
+                            emit(frame_idx, masks_to_labels(logits, frame_ids))
             if tracker is not None:
                 ids, parents = list(tracker.ids), dict(tracker.parents)
                 scores.update(tracker.scores(n_frames))

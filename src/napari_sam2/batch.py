@@ -278,8 +278,6 @@ def run_one(job: Job, predictor=None) -> dict:
             "replace them"))
     pending = None
     try:
-        from .prompts import read_prompts_file
-
         if job.threads:
             import torch
 

@@ -28,8 +28,9 @@ inputs: TIFF / OME-TIFF files, Zarr / OME-Zarr stores, folders of frames (one st
 and globs ("data/*.tif", quoted or expanded by the shell): every input is one stack.
 
 outputs, per input NAME (named after the input): OUT/NAME.ome.zarr, OUT/NAME.tif or the Cell
-Tracking Challenge folder OUT/NAME_RES (mask000.tif..., res_track.txt), plus OUT/NAME.tracks.csv;
-OUT/summary.csv lists every input's status.
+Tracking Challenge folder OUT/NAME_RES (mask000.tif..., res_track.txt), plus OUT/NAME.tracks.csv and
+OUT/NAME.manifest.json, published together; OUT/summary.csv gets one row per input and run.
+Outputs never replace inputs; --skip-existing never deletes anything (see docs/cli.md).
 
 prompts (--prompts FILE, one file for every input, or a FOLDER with NAME.csv / .json / .tif per input):
   CSV   t,y,x,obj_id,positive           (clicks; napari order; positive 1 = object, 0 = background)

@@ -43,7 +43,7 @@ class OutputLock:
         self.what = what or f"'{self.path.parent}'"
         self._fd: int | None = None
 
-    def acquire(self) -> "OutputLock":
+    def acquire(self) -> OutputLock:
         deadline = time.monotonic() + self.wait
         while True:
             fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
@@ -82,7 +82,7 @@ class OutputLock:
         os.close(self._fd)
         self._fd = None
 
-    def __enter__(self) -> "OutputLock":
+    def __enter__(self) -> OutputLock:
         return self.acquire()
 
     def __exit__(self, *exc) -> None:
