@@ -497,3 +497,121 @@ def test_a_checkpoint_with_nan_weights_is_refused_naming_them(tmp_path, random_c
     assert proc.returncode == 1 and "2 tensors hold NaN or infinite values" in proc.stderr
     assert "sam_mask_decoder.iou_prediction_head.layers.0.weight" in proc.stderr
     assert "obj_ptr_proj.layers.0.bias" in proc.stderr and not (tmp_path / "out").exists()
+
+
+# ------------------------------------------------------------------------------ found by probing as a user
+def test_a_folder_or_link_named_summary_csv_is_left_alone(tmp_path, clicks, random_checkpoint):
+    source = write_stack(tmp_path / "data" / "s0.tif")
+    out = tmp_path / "out"
+    (out / "summary.csv").mkdir(parents=True)
+    (out / "summary.csv" / "notes.txt").write_text("precious")
+    proc = cli("segment", source, "--out", out, "--prompts", clicks, *model_args(random_checkpoint))
+    assert proc.returncode == 0 and "is not a regular file: it was left alone" in proc.stderr
+    assert (out / "summary.csv" / "notes.txt").read_text() == "precious"
+    written = [p for p in out.glob("summary.*.csv")]
+    assert len(written) == 1 and pd.read_csv(written[0])["status"].tolist() == ["ok"]
+
+
+def test_a_lock_file_that_is_a_link_is_never_written_through(tmp_path, clicks, random_checkpoint):
+    source = write_stack(tmp_path / "data.tif")
+    out = tmp_path / "out"
+    out.mkdir()
+    (out / ".napari-sam2.lock").symlink_to(source)
+    before = snapshot(source)
+    proc = cli("segment", source, "--out", out, "--prompts", clicks, *model_args(random_checkpoint))
+    assert proc.returncode == 1 and "will not write through it" in proc.stderr
+    assert snapshot(source) == before
+
+
+def test_an_unexpanded_tilde_in_out_is_the_home_folder(tmp_path, clicks, random_checkpoint):
+    home = tmp_path / "home"
+    source = write_stack(home / "data" / "s0.tif")
+    before = snapshot(home)
+    proc = cli("segment", source, "--out=~/data", "--format", "tiff", "--prompts", clicks,
+               *model_args(random_checkpoint), env={**ENV, "HOME": str(home)}, cwd=tmp_path)
+    assert proc.returncode == 1 and "would overwrite the input" in proc.stderr
+    assert snapshot(home) == before and not (tmp_path / "~").exists()
+    proc = cli("segment", source, "--out=~/results", "--prompts", clicks, *model_args(random_checkpoint),
+               env={**ENV, "HOME": str(home)}, cwd=tmp_path)
+    assert proc.returncode == 0 and (home / "results" / "s0.ome.zarr").is_dir()
+
+
+def test_skip_existing_redoes_nothing_stale_and_accepts_copies(tmp_path, clicks, random_checkpoint):
+    source = write_stack(tmp_path / "data" / "m.tif")
+    out = tmp_path / "out"
+    assert cli("segment", source, "--out", out, "--prompts", clicks, *model_args(random_checkpoint)).returncode == 0
+    # a copy of the results (cp -a: new inodes, same times) and the input through a linked folder: still done
+    copy = tmp_path / "copy"
+    subprocess.run(["cp", "-a", str(out), str(copy)], check=True)
+    (tmp_path / "link").symlink_to(tmp_path / "data")
+    proc = cli("segment", tmp_path / "link" / "m.tif", "--out", copy, "--prompts", clicks, "--skip-existing",
+               *model_args(random_checkpoint))
+    assert proc.returncode == 0 and rows(copy)["m.tif"]["status"] == "skipped"
+    # other prompts, another image size: not the same result
+    other = tmp_path / "other.csv"
+    other.write_text("t,y,x,obj_id\n0,20,20,1\n")
+    for extra, why in ((["--prompts", other], "other settings (prompts"),
+                       (["--prompts", clicks, "--image-size", "512"], "other settings (options")):
+        proc = cli("segment", source, "--out", out, "--skip-existing", *model_args(random_checkpoint)[:2],
+                   *extra, *(["--image-size", "256"] if "512" not in extra else []), "--device", "cpu",
+                   "--no-progress")
+        assert proc.returncode == 1 and why in rows(out)["m.tif"]["error"], rows(out)["m.tif"]["error"]
+    # the input edited in place: its result is out of date
+    write_stack(source, seed=3)
+    proc = cli("segment", source, "--out", out, "--prompts", clicks, "--skip-existing", *model_args(random_checkpoint))
+    assert proc.returncode == 1 and "was changed after the result was made" in rows(out)["m.tif"]["error"]
+
+
+def test_any_next_run_removes_spill_folders_of_dead_processes(tmp_path, clicks, random_checkpoint):
+    tmp = tmp_path / "tmp"
+    stale = tmp / f"napari-sam2-spill-{dead_pid()}@{_host()}-abc"
+    (stale / "obj00000").mkdir(parents=True)
+    (stale / "obj00000" / "0000001.pt").write_bytes(b"x" * 1000)
+    source = write_stack(tmp_path / "data" / "s0.tif")  # prompted on frame 0: this run spills nothing
+    assert cli("segment", source, "--out", tmp_path / "out", "--prompts", clicks, *model_args(random_checkpoint),
+               env={**ENV, "TMPDIR": str(tmp)}).returncode == 0
+    assert not stale.exists()
+
+
+def test_the_lock_is_checked_before_the_model_loads(tmp_path, clicks):
+    source = write_stack(tmp_path / "data" / "s0.tif")
+    out = tmp_path / "out"
+    out.mkdir()
+    broken = tmp_path / "broken.pt"
+    broken.write_bytes(b"\x00" * 64)  # loading it would fail: a lock message proves it was not loaded
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time; from napari_sam2.io.lock import OutputLock; "
+         f"OutputLock({str(out / '.napari-sam2.lock')!r}).acquire(); print('locked', flush=True); time.sleep(60)"],
+        stdout=subprocess.PIPE, text=True, env=ENV)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        proc = cli("segment", source, "--out", out, "--prompts", clicks, "--checkpoint", broken, "--device", "cpu")
+        assert proc.returncode == 1 and "is being written by another napari-sam2 run" in proc.stderr
+    finally:
+        holder.kill()
+        holder.wait()
+
+
+def test_a_pattern_that_matches_earlier_results_is_refused_clearly(tmp_path, clicks, random_checkpoint):
+    data = tmp_path / "data"
+    write_stack(data / "a.tif")
+    assert cli("segment", data / "a.tif", "--out", data, "--format", "tiff", "--prompts", clicks, "--z-project",
+               "max", *model_args(random_checkpoint)).returncode == 1  # a.tif would be replaced: refused
+    out = tmp_path / "out"
+    assert cli("segment", data / "a.tif", "--out", out, "--format", "tiff", "--prompts", clicks,
+               *model_args(random_checkpoint)).returncode == 0
+    before = snapshot(out)
+    proc = cli("segment", out / "*.tif", "--out", out, "--prompts", clicks, *model_args(random_checkpoint))
+    assert proc.returncode == 1 and "is a result of an earlier napari-sam2 run (listed in a.manifest.json)" in proc.stderr
+    assert snapshot(out) == before
+
+
+def test_two_inputs_reaching_one_prompts_file_is_an_error(tmp_path, clicks, random_checkpoint):
+    a, b, c = (write_stack(tmp_path / p) for p in ("a/s0.tif", "b/s0.tif", "a_s0.tif"))
+    prompts = tmp_path / "prompts"
+    prompts.mkdir()
+    for name in ("s0.csv", "a_s0.csv"):
+        (prompts / name).write_bytes(clicks.read_bytes())
+    proc = cli("segment", a, b, c, "--out", tmp_path / "out", "--prompts", prompts, *model_args(random_checkpoint))
+    assert proc.returncode == 1 and "would both take their prompts from" in proc.stderr
+    assert not (tmp_path / "out").exists()

@@ -22,6 +22,7 @@ import time
 import traceback
 import uuid
 import warnings
+from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable
@@ -30,7 +31,7 @@ import numpy as np
 
 from .io.atomic import remove_stale_partials, write_error
 from .io.lock import LOCK_NAME, OutputLock
-from .io.result_files import PendingResult, check_complete, manifest_path
+from .io.result_files import PendingResult, check_complete, fingerprint, manifest_path
 
 __all__ = [
     "FORMATS", "Job", "expand_inputs", "output_names", "output_paths", "make_jobs",
@@ -232,8 +233,8 @@ def check_job_outputs(job: Job, inputs: Iterable[str] = ()) -> str | None:
         src = Path(os.path.realpath(source))
         out_dir = Path(os.path.realpath(job.out_dir))
         if src.is_dir() and (src == out_dir or src in out_dir.parents):
-            return (f"the output folder '{job.out_dir}' is inside the input '{source}' (a Zarr store or folder "
-                    "of frames): choose an --out folder outside the inputs")
+            return (f"the output folder '{job.out_dir}' is inside the input '{source}' (a folder that is read): "
+                    "choose an --out folder outside the inputs")
         for out in outputs:
             dst = Path(os.path.realpath(out))
             if dst == src or src in dst.parents or dst in src.parents:
@@ -266,12 +267,13 @@ def run_one(job: Job, predictor=None) -> dict:
         return _result(job, "failed", start, error=problem)
     present = [p for p in paths.values() if p.exists() or p.is_symlink()]
     if job.skip_existing and present:
-        why = check_complete(job.out_dir, job.name, paths, job.input)
+        why = check_complete(job.out_dir, job.name, paths, job.input, result_settings(job))
         if why is None:
             return _result(job, "skipped", start, output=str(paths["labels"]))
         return _result(job, "failed", start, error=(
-            f"'{present[0]}' exists but is not a complete result of this input ({why}); nothing was changed. "
-            "Remove the leftover files or rerun with --overwrite to replace them"))
+            f"the result '{job.name}' in '{job.out_dir}' is not a complete result of this input and these "
+            f"settings: {why}. Nothing was changed. Rerun with --overwrite to replace it, or remove "
+            f"{', '.join(p.name for p in present)}"))
     if present and not job.overwrite:
         return _result(job, "failed", start, error=(
             f"'{present[0]}' already exists; use --skip-existing to keep finished outputs or --overwrite to "
@@ -302,7 +304,8 @@ def run_one(job: Job, predictor=None) -> dict:
                 raise write_error(exc, pending.final_for(exc.filename)) from exc  # name what the user asked for
         notes = list(dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)))
         pending.publish(job.overwrite, {
-            "run": job.run_id, "input": os.path.abspath(job.input), "prompts": prompts_file,
+            "run": job.run_id, "input": os.path.realpath(job.input), "input_fingerprint": fingerprint(job.input),
+            "settings": result_settings(job), "prompts": prompts_file,
             "frames": result.n_frames, "objects": result.n_objects,
             "model": {k: job.options.get(k) for k in _MODEL_OPTIONS}, "napari_sam2": _version()})
         return _result(job, "ok", start, frames=result.n_frames, objects=result.n_objects, output=str(paths["labels"]),
@@ -316,6 +319,28 @@ def run_one(job: Job, predictor=None) -> dict:
     finally:
         if pending is not None:
             pending.discard()
+
+
+def result_settings(job: Job) -> dict:
+    """What a result depends on besides its input, as JSON values (compared by ``skip_existing``): the
+    segmentation options, the prompts file and checkpoint file (path and fingerprint), the seeding."""
+    import json
+
+    def file_id(path):
+        try:
+            return [os.path.realpath(path), fingerprint(path)] if path else None
+        except OSError:
+            return [os.path.realpath(path), None]
+
+    try:
+        prompts = file_id(find_prompts_file(job.prompts, job.input, job.name))
+    except Exception:  # noqa: BLE001 - the run itself reports a prompts file it cannot find
+        prompts = None
+    # the device is left out: a result is the same wherever it was computed
+    options = {k: v for k, v in sorted(job.options.items()) if v is not None and k != "device"}
+    settings = {"format": job.format, "options": options, "prompts": prompts, "auto": job.auto,
+                "checkpoint": file_id(job.options.get("checkpoint"))}
+    return json.loads(json.dumps(settings, default=str))  # tuples and lists compare alike after a round trip
 
 
 def read_prompts(path: str) -> dict:
@@ -354,20 +379,19 @@ def _segment(job: Job, pending: PendingResult, model, progress, kwargs: dict):
 
 
 def run_batch(jobs: list[Job], scheduler: str | None = None, predictor=None, progress: bool = True,
-              on_result: Callable[[dict], Any] | None = None) -> list[dict]:
+              on_result: Callable[[dict], Any] | None = None, locked: bool = False) -> list[dict]:
     """Run every job; returns one result per job, in the jobs' order.
 
     ``scheduler``: the address of a running Dask distributed scheduler (e.g. ``"tcp://10.0.0.5:8786"``);
     every input becomes one task there. ``None``: one after the other in this process, sharing
     ``predictor`` (built once when not given). ``on_result(row)`` is called as each input finishes.
+    ``locked``: the caller already holds the output folders (:func:`hold_output_folders`).
 
     Raises
     ------
     napari_sam2.io.lock.OutputLockedError
         Another run is writing to one of the output folders (nothing was done).
     """
-    from contextlib import ExitStack
-
     from tqdm.auto import tqdm
 
     results: list[dict | None] = [None] * len(jobs)
@@ -378,10 +402,8 @@ def run_batch(jobs: list[Job], scheduler: str | None = None, predictor=None, pro
             on_result(row)
 
     with ExitStack() as held:
-        for out_dir in dict.fromkeys(Path(j.out_dir) for j in jobs):
-            _make_out_dir(out_dir)
-            held.enter_context(OutputLock(out_dir / LOCK_NAME, what=f"the output folder '{out_dir}'"))
-            remove_stale_partials(out_dir)  # under the lock: no live run of ours writes there
+        if not locked:
+            held.enter_context(hold_output_folders(jobs))
         with tqdm(total=len(jobs), desc="inputs", unit="stack", disable=not progress, position=0) as bar:
             if scheduler is None:
                 for i, job in enumerate(jobs):
@@ -408,11 +430,34 @@ def run_batch(jobs: list[Job], scheduler: str | None = None, predictor=None, pro
     return [r for r in results if r is not None]
 
 
-def _make_out_dir(out_dir: Path) -> None:
-    try:
-        out_dir.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise write_error(exc, out_dir) from exc
+@contextmanager
+def hold_output_folders(jobs: list[Job]):
+    """Create and lock the output folders of ``jobs`` (one run at a time per folder), and remove what dead
+    runs left there and in the temp folder. A folder created here and still empty on leaving is removed:
+    a run that fails before writing leaves nothing behind."""
+    from .predictor.store import remove_stale_spill_dirs
+
+    created: list[Path] = []
+    with ExitStack() as held:
+        for out_dir in dict.fromkeys(Path(j.out_dir) for j in jobs):
+            if not out_dir.exists():
+                created.append(out_dir)
+            try:
+                out_dir.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise write_error(exc, out_dir) from exc
+            held.enter_context(OutputLock(out_dir / LOCK_NAME, what=f"the output folder '{out_dir}'"))
+            remove_stale_partials(out_dir)  # under the lock: no live run of ours writes there
+        remove_stale_spill_dirs()
+        try:
+            yield
+        finally:
+            held.close()
+            for out_dir in created:
+                try:
+                    out_dir.rmdir()  # only if empty
+                except OSError:
+                    pass
 
 
 # ------------------------------------------------------------------------------------ summary
@@ -437,6 +482,11 @@ def append_summary(out_dir: str | os.PathLike, results: list[dict]) -> Path:
     from .io.atomic import atomic_path
 
     path = Path(out_dir) / SUMMARY_NAME
+    if path.is_symlink() or (path.exists() and not path.is_file()):
+        # never write through a link or over a folder of the user's: this run's record goes beside it
+        path = path.with_name(f"summary.{results[0].get('run') or 'run'}.csv" if results else "summary.run.csv")
+        warnings.warn(f"'{Path(out_dir) / SUMMARY_NAME}' is not a regular file: it was left alone and the summary "
+                      f"was written to '{path}'", RuntimeWarning, stacklevel=2)
     previous = b""
     if path.is_file():
         previous = path.read_bytes()

@@ -146,6 +146,8 @@ def _check_out_dir(out: str) -> str | None:
     """None if the output folder ``out`` exists as a writable folder or can be created; else why not.
     Creates nothing: a run that fails before writing leaves no empty folder behind."""
     path = Path(out).expanduser().absolute()
+    if path.is_symlink() and not path.exists():
+        return f"the output folder '{out}' is a broken symbolic link. Fix the link or choose another --out."
     if path.exists() and not path.is_dir():
         return f"the output folder '{out}' exists and is not a folder. Choose another --out."
     existing = path
@@ -211,9 +213,16 @@ def _check_planes(args: argparse.Namespace) -> str | None:
 
 
 def _segment(args: argparse.Namespace) -> int:
-    from .batch import append_summary, check_job_outputs, format_summary, make_jobs, run_batch
+    from .batch import (append_summary, check_job_outputs, format_summary, hold_output_folders, make_jobs,
+                        run_batch)
     from .io.lock import OutputLockedError
     from .modeling.configs import CONFIGS
+
+    # "~" the shell did not expand (--out=~/x, quoted): expanded here, once, for every step alike
+    args.out = os.path.expanduser(args.out)
+    args.inputs = [os.path.expanduser(p) for p in args.inputs]
+    args.prompts = args.prompts and os.path.expanduser(args.prompts)
+    args.checkpoint = args.checkpoint and os.path.expanduser(args.checkpoint)
 
     if args.model not in CONFIGS:
         return _error(f"unknown model {args.model!r}; choose one of: {', '.join(CONFIGS)}")
@@ -261,9 +270,23 @@ def _segment(args: argparse.Namespace) -> int:
                      progress=not args.no_progress)
     # nothing may write over what is read: every input, the prompts, the checkpoint, and the summary
     sources = [j.input for j in jobs] + [p for p in (args.prompts, args.checkpoint) if p]
-    for problem in [check_job_outputs(j, sources) for j in jobs] + [_summary_clash(args.out, sources)]:
+    problems = [_earlier_results_as_inputs(args.out, [j.input for j in jobs]), _shared_prompts_files(jobs)]
+    problems += [check_job_outputs(j, sources) for j in jobs] + [_summary_clash(args.out, sources)]
+    for problem in problems:
         if problem:
             return _error(f"{problem}. Nothing was done.")
+    try:
+        with hold_output_folders(jobs):  # before the model loads: a second run on OUT stops at once
+            return _run_held(args, jobs, append_summary, format_summary, run_batch)
+    except OutputLockedError as exc:
+        return _error(str(exc))
+    except OSError as exc:  # the output folder cannot be made
+        return _error(str(exc))
+
+
+def _run_held(args: argparse.Namespace, jobs, append_summary, format_summary, run_batch) -> int:
+    import warnings
+
     predictor = None
     if args.scheduler is None and any(j.error is None for j in jobs):
         from .predictor.video import build_video_predictor
@@ -273,24 +296,68 @@ def _segment(args: argparse.Namespace) -> int:
                                               image_size=args.image_size)
         except Exception as exc:  # CheckpointError, DownloadError, ValueError (device)
             return _error(f"could not load model {args.model}: {exc}")
+    told: set[str] = set()
 
     def record(row: dict) -> None:  # as each input finishes: the summary never lags behind the files
         try:
-            append_summary(args.out, [row])
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always", RuntimeWarning)
+                append_summary(args.out, [row])
+            for note in {str(w.message) for w in caught} - told:
+                told.add(note)
+                print(f"napari-sam2: warning: {note}", file=sys.stderr)
         except OSError as exc:
             print(f"napari-sam2: warning: could not update {Path(args.out) / 'summary.csv'}: {exc}", file=sys.stderr)
 
     try:
         results = run_batch(jobs, scheduler=args.scheduler, predictor=predictor, progress=not args.no_progress,
-                            on_result=record)
-    except OutputLockedError as exc:
-        return _error(str(exc))
-    except OSError as exc:  # e.g. no scheduler at that address, or the output folder cannot be made
-        if args.scheduler is None:
-            return _error(str(exc))
+                            on_result=record, locked=True)
+    except OSError as exc:  # e.g. no scheduler at that address
         return _error(f"could not run on the Dask scheduler {args.scheduler!r}: {exc}")
     print(format_summary(results))
     return 1 if any(r["status"] == "failed" for r in results) else 0
+
+
+def _earlier_results_as_inputs(out: str, inputs: list[str]) -> str | None:
+    """A pattern such as 'data/*.tif' with --out data matches the results of an earlier run: say so."""
+    import json
+
+    ours: dict[str, str] = {}
+    for manifest in Path(out).glob("*.manifest.json"):
+        ours[os.path.realpath(manifest)] = manifest.name
+        try:
+            files = json.loads(manifest.read_text()).get("files", {})
+        except (OSError, ValueError, AttributeError):
+            continue
+        for entry in files.values() if isinstance(files, dict) else ():
+            ours[os.path.realpath(Path(out) / str(entry.get("path", "")))] = manifest.name
+    for source in inputs:
+        if os.path.realpath(source) in ours:
+            return (f"the input '{source}' is a result of an earlier napari-sam2 run (listed in "
+                    f"{ours[os.path.realpath(source)]}): narrow the pattern or the inputs to the raw data, or "
+                    "write results to another --out")
+    return None
+
+
+def _shared_prompts_files(jobs) -> str | None:
+    """With a prompts folder, each input gets the file named after it; two inputs reaching one file is a
+    naming clash (e.g. 'a/s0.tif' named a_s0 and 'a_s0.tif'), never silently resolved."""
+    from .batch import find_prompts_file
+
+    seen: dict[str, str] = {}
+    for job in jobs:
+        if job.error or job.prompts is None or not os.path.isdir(job.prompts):
+            continue
+        try:
+            chosen = os.path.realpath(find_prompts_file(job.prompts, job.input, job.name))
+        except Exception:  # noqa: BLE001 - a missing prompts file fails that input later, with its message
+            continue
+        if chosen in seen:
+            return (f"the inputs '{seen[chosen]}' and '{job.input}' would both take their prompts from "
+                    f"'{chosen}': give each input its own prompts file (named after its output name, see the "
+                    "summary) or segment them in separate runs")
+        seen[chosen] = job.input
+    return None
 
 
 def _summary_clash(out: str, sources: list[str]) -> str | None:

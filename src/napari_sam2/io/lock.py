@@ -46,7 +46,14 @@ class OutputLock:
     def acquire(self) -> OutputLock:
         deadline = time.monotonic() + self.wait
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:  # never through a symbolic link: it could point at anything, an input included
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW, 0o644)
+            except OSError as exc:
+                if self.path.is_symlink() or not self.path.is_file():
+                    raise OutputLockedError(
+                        f"'{self.path}' is not a regular file (a symbolic link or a folder?): napari-sam2 will not "
+                        f"write through it. Remove it and run again.") from exc
+                raise
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:

@@ -3,9 +3,11 @@
 A result is written in a hidden working folder next to its outputs
 (``OUT/.NAME.partial-PID@HOST-XXXXXXXX/``), then its files are renamed into place one by one and
 ``OUT/NAME.manifest.json`` is written last. The manifest names the run, the input, and a fingerprint
-(size, time stamp and inode; for a folder, of every file in it) of each published file. A result is
-*complete* only when its manifest exists and every file it names is on disk unchanged: labels of one
-run beside tracks of another, or a half-replaced result, is never taken for a finished one.
+(size and time stamp; for a folder, of every file in it) of each published file and of the input. A
+result is *complete* only when its manifest exists, every file it names is on disk unchanged, and it
+was made from the same input (unchanged since) with the same settings: labels of one run beside
+tracks of another, a half-replaced result, or the result of an edited input is never taken for a
+finished one. Fingerprints survive ``cp -a``, ``rsync -a`` and moves (no inode numbers).
 """
 
 from __future__ import annotations
@@ -29,12 +31,13 @@ def manifest_path(out_dir: str | os.PathLike, name: str) -> Path:
     return Path(out_dir) / f"{name}{MANIFEST_SUFFIX}"
 
 
-def fingerprint(path: Path) -> list:
-    """What identifies a file's version on disk without reading it: ``[size, mtime_ns, inode]``; for
-    a folder its inode and a digest of the (path, size, mtime_ns) of every file under it."""
+def fingerprint(path: str | os.PathLike) -> list:
+    """What identifies a file's version on disk without reading it: ``[size, mtime_ns]``; for a folder
+    a digest of the (path, size, mtime_ns) of every file under it."""
+    path = Path(path)
     st = path.stat()
     if not path.is_dir():
-        return [st.st_size, st.st_mtime_ns, st.st_ino]
+        return [st.st_size, st.st_mtime_ns]
     digest = hashlib.sha1()
     for root, dirs, files in os.walk(path):
         dirs.sort()
@@ -42,11 +45,13 @@ def fingerprint(path: Path) -> list:
             full = os.path.join(root, name)
             fst = os.stat(full)
             digest.update(f"{os.path.relpath(full, path)}\0{fst.st_size}\0{fst.st_mtime_ns}\n".encode())
-    return ["dir", st.st_ino, digest.hexdigest()]
+    return ["dir", digest.hexdigest()]
 
 
-def check_complete(out_dir: str | os.PathLike, name: str, finals: dict[str, Path], source: str) -> str | None:
-    """None when ``OUT/NAME`` is a complete result of ``source`` holding ``finals``; else why not."""
+def check_complete(out_dir: str | os.PathLike, name: str, finals: dict[str, Path], source: str,
+                   settings: dict | None = None) -> str | None:
+    """None when ``OUT/NAME`` is a complete result of ``source`` (unchanged since) holding ``finals``,
+    made with ``settings`` (compared when given); else why not."""
     manifest = manifest_path(out_dir, name)
     if not manifest.is_file():
         return f"no {manifest.name}: the run that wrote it did not finish"
@@ -56,8 +61,16 @@ def check_complete(out_dir: str | os.PathLike, name: str, finals: dict[str, Path
         recorded_input = record["input"]
     except (OSError, ValueError, KeyError, TypeError):
         return f"{manifest.name} is unreadable"
-    if os.path.abspath(recorded_input) != os.path.abspath(source):
+    if os.path.realpath(recorded_input) != os.path.realpath(source):
         return f"it is the result of another input, '{recorded_input}'"
+    try:
+        if record.get("input_fingerprint") != fingerprint(source):
+            return f"the input '{source}' was changed after the result was made"
+    except OSError:
+        pass  # an input that cannot be read fails on its own, with its own message
+    for key, value in (settings or {}).items():
+        if record.get("settings", {}).get(key) != value:
+            return f"it was made with other settings ({key}: {record.get('settings', {}).get(key)!r}, now {value!r})"
     for key, final in finals.items():
         entry = files.get(key)
         if entry is None or entry.get("path") != final.name:

@@ -133,6 +133,12 @@ class FrameStore:
 
 
 SPILL_PREFIX = "napari-sam2-spill-"
+_SPILL_NAME = re.escape(SPILL_PREFIX) + TAG_PATTERN + r"-.+"
+
+
+def remove_stale_spill_dirs(parent: str | None = None) -> None:
+    """Remove the spill folders that dead processes of this machine left in ``parent`` (the temp folder)."""
+    remove_stale(parent or tempfile.gettempdir(), _SPILL_NAME)
 
 
 class SpillDir:
@@ -143,7 +149,7 @@ class SpillDir:
 
     def __init__(self, parent: str | None = None):
         parent = parent or tempfile.gettempdir()
-        remove_stale(parent, re.escape(SPILL_PREFIX) + TAG_PATTERN + r"-.+")
+        remove_stale_spill_dirs(parent)
         self.path = tempfile.mkdtemp(prefix=f"{SPILL_PREFIX}{owner_tag()}-", dir=parent)
         self._finalizer = weakref.finalize(self, shutil.rmtree, self.path, True)
 
