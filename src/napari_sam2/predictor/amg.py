@@ -19,7 +19,7 @@ Example
 -------
 >>> gen = AutomaticMaskGenerator(build_model("sam2.1_hiera_large"), points_per_side=32, min_area=50)
 >>> records = gen.generate(image)            # H x W uint16 works; H x W x 3 uint8 as the official one
->>> labels = masks_to_labels(records, image.shape[:2])
+>>> labels = records_to_labels(records, image.shape[:2])
 """
 
 from __future__ import annotations
@@ -45,7 +45,7 @@ __all__ = [
     "calculate_stability_score",
     "generate_crop_boxes",
     "mask_to_rle",
-    "masks_to_labels",
+    "records_to_labels",
     "nms",
     "rle_to_mask",
 ]
@@ -192,7 +192,7 @@ def rle_to_mask(rle: dict) -> np.ndarray:
     return flat.reshape(w, h).T.copy()
 
 
-def masks_to_labels(records: Sequence[dict], shape: tuple[int, int] | None = None, order: str = "area") -> np.ndarray:
+def records_to_labels(records: Sequence[dict], shape: tuple[int, int] | None = None, order: str = "area") -> np.ndarray:
     """A label image (uint32, 0 = background) from :meth:`AutomaticMaskGenerator.generate` records.
 
     ``order="area"``: larger masks are painted first so that smaller ones stay visible on top;

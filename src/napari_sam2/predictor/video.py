@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 
 from ..build import build_model, resolve_device
-from ..modeling import SAM2
+from ..modeling import DEFAULT_MODEL, SAM2
 from ..modeling.sam2 import NO_OBJ_SCORE, FrameFeatures
 from .frames import FeatureCache, FrameSource
 from .postprocess import fill_holes, non_overlapping
@@ -569,7 +569,7 @@ class VideoPredictor:
 
 
 def build_video_predictor(
-    name: str = "sam2.1_hiera_tiny",
+    name: str = DEFAULT_MODEL,
     checkpoint: str | os.PathLike | None = None,
     device: str | torch.device = "auto",
     image_size: int | None = None,
