@@ -24,7 +24,7 @@ from napari_sam2.predictor.amg import (
     nms,
     rle_to_mask,
 )
-from napari_sam2.predictor.transforms import remove_small_regions
+from napari_sam2.predictor.postprocess import remove_small_regions
 
 RECORD_KEYS = {"segmentation", "area", "bbox", "predicted_iou", "point_coords", "stability_score", "crop_box"}
 

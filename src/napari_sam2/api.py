@@ -20,7 +20,7 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from .io import Stack, ZarrLabelsWriter, open_stack, select
+from .io import Stack, ZarrLabelsWriter, open_stack, video_view
 from .modeling.configs import DEFAULT_MODEL
 from .labels import LABEL_DTYPE, logits_to_labels, open_label_sink
 from .predictor.generator_parameters import generator_parameters
@@ -111,13 +111,8 @@ def open_video(stack: Any, axes: str | None = None, channel: int | None = None,
     with a Z axis. Raises the readers' errors (``FileNotFoundError``, ``StackReadError``, ``ValueError``
     for axes that do not fit or a channel out of range) before anything heavy happens.
     """
-    opened = open_stack(stack, axes=axes)
-    rgb = channel is None and "C" in opened.axes and opened.size("C") == 3 and set(opened.axes) <= set("TCYX")
-    if rgb:  # keep the colours together, frames as (Y, X, 3)
-        data = opened.data if "T" in opened.axes else opened.data[None]
-        video = Stack(data=data.transpose(0, 2, 3, 1), axes="TYXC", path=opened.path, metadata=dict(opened.metadata))
-    else:
-        video = select(opened, channel=channel, **{k: v for k, v in planes.items() if v is not None})
+    video = video_view(open_stack(stack, axes=axes), channel=channel,
+                       **{k: v for k, v in planes.items() if v is not None})
     t = video.size("T")
     shape = (int(t), video.size("Y"), video.size("X"))
     if shape[0] == 0:
