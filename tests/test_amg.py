@@ -20,11 +20,11 @@ from napari_sam2.predictor.amg import (
     calculate_stability_score,
     generate_crop_boxes,
     mask_to_rle,
-    masks_to_labels,
+    records_to_labels,
     nms,
     rle_to_mask,
 )
-from napari_sam2.predictor.transforms import remove_small_regions
+from napari_sam2.predictor.postprocess import remove_small_regions
 
 RECORD_KEYS = {"segmentation", "area", "bbox", "predicted_iou", "point_coords", "stability_score", "crop_box"}
 
@@ -279,7 +279,7 @@ def test_real_network_records(real_gen):
     for a, b in zip(recs, rle_recs):
         np.testing.assert_array_equal(rle_to_mask(b["segmentation"]), a["segmentation"])
         assert b["area"] == a["area"] and b["bbox"] == a["bbox"]
-    labels = masks_to_labels(recs, (h, w))
+    labels = records_to_labels(recs, (h, w))
     assert labels.shape == (h, w) and labels.max() <= len(recs)
 
 

@@ -23,7 +23,8 @@ import torch
 import zarr
 
 import napari_sam2
-from napari_sam2.api import SegmentationResult, masks_to_labels, segment_stack
+from napari_sam2.api import SegmentationResult, segment_stack
+from napari_sam2.labels import logits_to_labels
 from napari_sam2.io import percentile_range, read_ctc_tracks, tracks_from_labels
 from napari_sam2.prompts import PromptError
 from napari_sam2.synthetic import make_timelapse
@@ -87,8 +88,10 @@ class GroundTruthPredictor:
         values = self.gt[frame_idx][np.asarray(mask, bool)]
         self._attach(state, obj_id, np.bincount(values).argmax())
 
-    def propagate_in_video(self, state, start_frame_idx=None, reverse=False):
-        order = range(start_frame_idx, -1, -1) if reverse else range(start_frame_idx, len(self.gt))
+    def propagate_in_video(self, state, start_frame_idx=None, max_frame_num_to_track=None, reverse=False):
+        n = len(self.gt) if max_frame_num_to_track is None else max_frame_num_to_track
+        order = (range(start_frame_idx, max(start_frame_idx - n, 0) - 1, -1) if reverse
+                 else range(start_frame_idx, min(start_frame_idx + n, len(self.gt) - 1) + 1))
         for t in order:
             if t == self.fail_at:
                 raise RuntimeError(f"simulated crash on frame {t}")
@@ -245,8 +248,8 @@ def test_array_sink(ts):
 
 def test_masks_to_labels_highest_positive_logit():
     logits = torch.tensor([[[[-1.0, 2.0, 5.0, -3.0]]], [[[0.5, 3.0, 1.0, -0.1]]]])  # 2 x 1 x 1 x 4
-    assert masks_to_labels(logits, [7, 9]).tolist() == [[9, 9, 7, 0]]
-    assert masks_to_labels(torch.zeros(0, 1, 2, 3), []).shape == (2, 3)
+    assert logits_to_labels(logits, [7, 9]).tolist() == [[9, 9, 7, 0]]
+    assert logits_to_labels(torch.zeros(0, 1, 2, 3), []).shape == (2, 3)
 
 
 # ------------------------------------------------------------------------------------ errors

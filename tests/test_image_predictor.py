@@ -19,11 +19,8 @@ import torch.nn.functional as F
 
 from napari_sam2 import build_model
 from napari_sam2.predictor.image import ImageNotSetError, ImagePredictor
-from napari_sam2.predictor.transforms import (
-    fill_holes_and_sprinkles,
-    to_model_input,
-    to_unit_rgb,
-)
+from napari_sam2.predictor.postprocess import fill_holes_and_sprinkles
+from napari_sam2.predictor.preprocess import to_model_input, to_unit_rgb
 
 H, W = 300, 400  # non-square on purpose
 LOGIT_TOL = 1e-4

@@ -69,9 +69,11 @@ class LineagePredictor:
         state.objs[obj_id] = int(label)
         state.scores.setdefault(obj_id, np.full(len(self.gt), np.nan, np.float32))
 
-    def propagate_in_video(self, state, start_frame_idx=None, reverse=False):
+    def propagate_in_video(self, state, start_frame_idx=None, max_frame_num_to_track=None, reverse=False):
         self.log.append(("start", start_frame_idx, reverse))
-        order = range(start_frame_idx, -1, -1) if reverse else range(start_frame_idx, len(self.gt))
+        n = len(self.gt) if max_frame_num_to_track is None else max_frame_num_to_track
+        order = (range(start_frame_idx, max(start_frame_idx - n, 0) - 1, -1) if reverse
+                 else range(start_frame_idx, min(start_frame_idx + n, len(self.gt) - 1) + 1))
         for t in order:
             ids = list(state.objs)
             inside = np.stack([np.isin(self.gt[t], self._cells(state.objs[o], t)) for o in ids])

@@ -28,13 +28,14 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from .modeling.configs import DEFAULT_MODEL
+from .propagation import DIRECTIONS, plan_passes, run_passes
+
 POINTS_NAME = "SAM2 points"
 BOXES_NAME = "SAM2 boxes"
 LABELS_NAME = "SAM2 masklets"
 TRACKS_NAME = "SAM2 tracks"
 DEVICES = ("auto", "cpu", "cuda", "mps")
-DIRECTIONS = ("both", "forward", "backward")
-EXPORT_FORMATS = {"ome-zarr": ".ome.zarr", "tiff": ".tif", "ctc": "_RES"}
 POSITIVE_COLOR = "lime"
 NEGATIVE_COLOR = "red"
 
@@ -133,7 +134,7 @@ class SAM2Widget(QWidget):
         for name in REGISTRY:
             self.model_combo.addItem(name, name)
         self._mark_cached()
-        index = self.model_combo.findData("sam2.1_hiera_tiny")
+        index = self.model_combo.findData(DEFAULT_MODEL)
         self.model_combo.setCurrentIndex(max(index, 0))
         form.addRow("Model", self.model_combo)
 
@@ -548,9 +549,9 @@ class SAM2Widget(QWidget):
 
     @staticmethod
     def _to_labels(logits, obj_ids) -> np.ndarray:
-        from .api import masks_to_labels
+        from .labels import logits_to_labels
 
-        return masks_to_labels(logits, obj_ids)
+        return logits_to_labels(logits, obj_ids)
 
     def _write_frame(self, t: int, frame: np.ndarray) -> None:
         session, labels = self._session, self.labels_layer
@@ -586,25 +587,18 @@ class SAM2Widget(QWidget):
         lo = self.start_spin.value() if start is None else int(start)
         hi = self.end_spin.value() if end is None else int(end)
         lo, hi = max(0, min(lo, hi)), min(session.n_frames - 1, max(lo, hi))
-        prompted = sorted({t for (t, _) in self._applied if lo <= t <= hi})
-        first, last = (prompted[0], prompted[-1]) if prompted else (lo, hi)
-        # forward from the first prompted frame of the range (else its start), backward from the last
-        passes = []
-        if direction in ("forward", "both"):
-            passes.append((first, hi - first, False))
-        if direction == "backward" or (direction == "both" and last > lo):
-            passes.append((last, last - lo, True))
-        total = sum(n + 1 for _, n, _ in passes)
         from napari.qt.threading import thread_worker
+
+        passes = plan_passes(direction, [t for (t, _) in self._applied], lo, hi)
+        total = sum(p.frames for p in passes)
 
         state = session.state
         to_labels = self._to_labels
 
         @thread_worker(start_thread=False)
         def run():
-            for s, n, reverse in passes:
-                for t, ids, logits in predictor.propagate_in_video(state, start_frame_idx=s, max_frame_num_to_track=n, reverse=reverse):
-                    yield int(t), to_labels(logits, ids)
+            for t, ids, logits in run_passes(predictor, state, passes):
+                yield int(t), to_labels(logits, ids)
 
         worker = run()
         self._worker = worker
@@ -716,22 +710,10 @@ class SAM2Widget(QWidget):
             _notify_error("no masklets to export: add prompts and propagate first.")
             return None
         path = Path(path)
-        if fmt is None:
-            name = path.name.lower()
-            fmt = "ome-zarr" if name.endswith(".zarr") else "tiff" if name.endswith((".tif", ".tiff")) else "ctc"
-        from .io import ZarrLabelsWriter, write_ctc, write_tiff_labels
+        from .label_formats import write_labels
 
         try:
-            if fmt == "ome-zarr":
-                with ZarrLabelsWriter(path, video.shape, dtype=np.uint32, overwrite=True) as writer:
-                    for t in range(video.shape[0]):
-                        writer.write(t, np.asarray(video[t]))
-            elif fmt == "tiff":
-                write_tiff_labels(path, video, overwrite=True)
-            elif fmt == "ctc":
-                write_ctc(path, video, overwrite=True)
-            else:
-                raise ValueError(f"unknown export format {fmt!r}; use one of {', '.join(EXPORT_FORMATS)}")
+            write_labels(path, video, fmt, overwrite=True)
         except Exception as exc:
             _notify_error(f"could not export to '{path}': {exc}")
             return None

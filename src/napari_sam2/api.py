@@ -10,7 +10,6 @@ nothing holds the whole video in memory.
 
 from __future__ import annotations
 
-import inspect
 import os
 import time
 import warnings
@@ -21,14 +20,15 @@ from typing import Any, Callable
 import numpy as np
 import pandas as pd
 
-from .io import Stack, ZarrLabelsWriter, open_stack, select
+from .io import Stack, ZarrLabelsWriter, open_stack, video_view
+from .modeling.configs import DEFAULT_MODEL
+from .labels import LABEL_DTYPE, logits_to_labels, open_label_sink
+from .predictor.generator_parameters import generator_parameters
 from .prompts import Prompts, build_prompts
+from .propagation import DIRECTIONS, needs_history, plan_passes, run_passes
 from .tracking import TrackTable, add_parents, ctc_tracks
 
-__all__ = ["segment_stack", "SegmentationResult", "open_video", "masks_to_labels", "DIRECTIONS", "LABEL_DTYPE"]
-
-DIRECTIONS = ("forward", "backward", "both")
-LABEL_DTYPE = np.dtype(np.uint32)
+__all__ = ["segment_stack", "SegmentationResult", "open_video"]
 
 
 @dataclass
@@ -65,7 +65,6 @@ class SegmentationResult:
     path: Path | None = None
     seconds: float = 0.0
     parents: dict[int, int] = field(default_factory=dict)
-    axes: str = field(default="TYX", repr=False)
 
     @property
     def n_frames(self) -> int:
@@ -112,13 +111,8 @@ def open_video(stack: Any, axes: str | None = None, channel: int | None = None,
     with a Z axis. Raises the readers' errors (``FileNotFoundError``, ``StackReadError``, ``ValueError``
     for axes that do not fit or a channel out of range) before anything heavy happens.
     """
-    opened = open_stack(stack, axes=axes)
-    rgb = channel is None and "C" in opened.axes and opened.size("C") == 3 and set(opened.axes) <= set("TCYX")
-    if rgb:  # keep the colours together, frames as (Y, X, 3)
-        data = opened.data if "T" in opened.axes else opened.data[None]
-        video = Stack(data=data.transpose(0, 2, 3, 1), axes="TYXC", path=opened.path, metadata=dict(opened.metadata))
-    else:
-        video = select(opened, channel=channel, **{k: v for k, v in planes.items() if v is not None})
+    video = video_view(open_stack(stack, axes=axes), channel=channel,
+                       **{k: v for k, v in planes.items() if v is not None})
     t = video.size("T")
     shape = (int(t), video.size("Y"), video.size("X"))
     if shape[0] == 0:
@@ -126,116 +120,11 @@ def open_video(stack: Any, axes: str | None = None, channel: int | None = None,
     return video, shape
 
 
-def masks_to_labels(mask_logits, obj_ids) -> np.ndarray:
-    """``N x 1 x H x W`` (or ``N x H x W``) mask logits -> ``(H, W)`` uint32 labels.
-
-    Each pixel gets the object with the highest positive logit (no overlap); its label is the
-    object's id. Pixels where no logit is positive are 0.
-    """
-    import torch
-
-    logits = torch.as_tensor(mask_logits)
-    if logits.ndim == 4:
-        logits = logits[:, 0]
-    if logits.ndim != 3:
-        raise ValueError(f"mask logits must be N x 1 x H x W, got shape {tuple(logits.shape)}")
-    if logits.shape[0] == 0:
-        return np.zeros(tuple(logits.shape[-2:]), dtype=LABEL_DTYPE)
-    best, index = logits.float().max(dim=0)
-    ids = torch.as_tensor(np.asarray(obj_ids, dtype=np.int64))
-    labels = ids[index]
-    labels[best <= 0] = 0
-    return labels.numpy().astype(LABEL_DTYPE, copy=False)
-
-
-class _ArraySink:
-    """Write frames into an array-like (numpy, zarr, a napari Labels layer's data)."""
-
-    def __init__(self, array):
-        self.array = array
-
-    def write(self, t: int, frame: np.ndarray) -> None:
-        self.array[t] = frame
-
-    def close(self):
-        return None
-
-    def abort(self) -> None:
-        pass
-
-
-def _sink(out: Any, shape: tuple[int, int, int], overwrite: bool):
-    """(sink, path): where label frames go as they are made."""
-    if out is None:
-        return _ArraySink(np.zeros(shape, dtype=LABEL_DTYPE)), None
-    if isinstance(out, (str, os.PathLike)):
-        path = Path(out).expanduser()
-        return ZarrLabelsWriter(path, shape, dtype=LABEL_DTYPE, overwrite=overwrite), path
-    if hasattr(out, "shape") and hasattr(out, "__setitem__"):
-        if tuple(out.shape) != tuple(shape):
-            raise ValueError(f"out has shape {tuple(out.shape)} but the labels are {shape} (T, Y, X)")
-        return _ArraySink(out), None
-    raise TypeError(f"out must be None, a path (an OME-Zarr store is written there) or a (T, Y, X) array, got {type(out).__name__}")
-
-
-def _auto_parameters(auto: dict | None) -> tuple[dict, int | None]:
-    from .predictor.amg import AutomaticMaskGenerator
-
-    params = dict(auto or {})
-    max_objects = params.pop("max_objects", None)
-    if max_objects is not None and (isinstance(max_objects, bool) or not isinstance(max_objects, int)):
-        raise ValueError(f"automatic mask generator parameter max_objects must be an integer >= 1, got {max_objects!r}")
-    if max_objects is not None and int(max_objects) < 1:
-        raise ValueError(f"auto['max_objects'] must be >= 1, got {max_objects}")
-    allowed = [p for p, v in inspect.signature(AutomaticMaskGenerator).parameters.items()
-               if v.kind is not inspect.Parameter.VAR_KEYWORD and p != "model"]
-    unknown = sorted(set(params) - set(allowed))
-    if unknown:
-        raise ValueError(f"unknown automatic mask generator parameter(s) {', '.join(unknown)} in auto=; "
-                         f"valid: {', '.join(allowed + ['max_objects'])}")
-    if params.get("output_mode", "binary_mask") != "binary_mask":
-        raise ValueError("auto['output_mode'] cannot be changed: seeding needs binary masks")
-    signature = inspect.signature(AutomaticMaskGenerator, eval_str=True).parameters
-    for key, value in params.items():
-        _check_parameter_type(key, value, signature[key].annotation)
-    params["output_mode"] = "binary_mask"
-    return params, (None if max_objects is None else int(max_objects))
-
-
-def _check_parameter_type(key: str, value, annotation) -> None:
-    """A value of the annotated type, checked before any model is built (a wrong one would otherwise
-    fail deep inside the generator, after minutes of loading)."""
-    import types
-    import typing
-
-    kinds = typing.get_args(annotation) if isinstance(annotation, types.UnionType) else (annotation,)
-    kinds = {typing.get_origin(k) or k for k in kinds}
-    number = isinstance(value, (int, float)) and not isinstance(value, bool)
-    accepted = ((value is None and type(None) in kinds) or (isinstance(value, bool) and bool in kinds)
-                or (number and isinstance(value, int) and int in kinds) or (number and float in kinds)
-                or (isinstance(value, str) and str in kinds)
-                or (isinstance(value, (list, tuple)) and bool(kinds & {list, tuple})))
-    if not accepted:
-        names = {int: "an integer", float: "a number", bool: "true or false", str: "a string", list: "a list",
-                 tuple: "a list", type(None): "null"}
-        expected = " or ".join(dict.fromkeys(names.get(k, getattr(k, "__name__", str(k)))
-                                             for k in sorted(kinds, key=lambda k: k is type(None))))
-        raise ValueError(f"automatic mask generator parameter {key} must be {expected}, got {value!r} "
-                         f"(e.g. {key}={_parameter_default(key)})")
-
-
-def _parameter_default(key: str):
-    from .predictor.amg import AutomaticMaskGenerator
-
-    default = inspect.signature(AutomaticMaskGenerator).parameters[key].default
-    return "null" if default is None else str(default).lower() if isinstance(default, bool) else default
-
-
 def _seed_automatically(predictor, state, video: Stack, frame: int, auto: dict | None, rgb: bool) -> list[int]:
     """Seed objects on ``frame`` with the automatic mask generator; returns their ids (1..N)."""
     from .predictor.amg import AutomaticMaskGenerator
 
-    params, max_objects = _auto_parameters(auto)
+    params, max_objects = generator_parameters(auto)
     if not rgb and params.get("intensity_range") is None:
         params["intensity_range"] = state.intensity_range  # the stack's range, as the video predictor
     generator = AutomaticMaskGenerator(predictor.model, **params)
@@ -269,7 +158,7 @@ def segment_stack(
     positive=None,
     box_ids=None,
     mask_frame: int = 0,
-    model: str = "sam2.1_hiera_tiny",
+    model: str = DEFAULT_MODEL,
     checkpoint: str | os.PathLike | None = None,
     device: str = "auto",
     image_size: int | None = None,
@@ -384,28 +273,20 @@ def segment_stack(
     if lineage and direction == "backward":
         raise ValueError("detect_new / detect_divisions work while propagating forward: use direction='forward' or 'both'")
     if new_params is not None and new_params.mask_source is None:
-        _auto_parameters(new_params.generator)  # fail on bad parameters before building the model
+        generator_parameters(new_params.generator)  # fail on bad parameters before building the model
     if not prompts:
         if not 0 <= int(mask_frame) < n_frames:
             raise ValueError(f"mask_frame={mask_frame} (the frame seeded automatically) is outside the stack "
                              f"(frames 0..{n_frames - 1})")
-        _auto_parameters(auto)  # fail on bad parameters before building the model
+        generator_parameters(auto)  # fail on bad parameters before building the model
         first = last = int(mask_frame)
     else:
         if auto:
             raise ValueError("auto= seeds objects when no prompt is given; prompts were given too: drop one")
         first, last = prompts.frames[0], prompts.frames[-1]
 
-    passes: list[tuple[int, bool]] = []
-    if direction in ("forward", "both"):
-        passes.append((first, False))
-    if direction == "backward" or (direction == "both" and last > 0):
-        passes.append((last, True))
-    # the backward pass reads frames the forward pass tracked only when their spans overlap
-    needs_history = len(passes) == 2 and last < n_frames - 1
-    if lineage:  # objects found going forward must not be tracked backward: the backward pass first
-        passes.sort(key=lambda p: not p[1])
-    total = int(sum((s + 1) if reverse else (n_frames - s) for s, reverse in passes))
+    passes = plan_passes(direction, [first, last], 0, n_frames - 1, backward_first=lineage)
+    total = sum(p.frames for p in passes)
 
     if predictor is None:
         from .predictor.video import build_video_predictor
@@ -413,7 +294,7 @@ def segment_stack(
         predictor = build_video_predictor(model, checkpoint=checkpoint, device=device, image_size=image_size)
     run = predictor
 
-    sink, path = _sink(out, (n_frames, height, width), overwrite)
+    sink, path = open_label_sink(out, (n_frames, height, width), overwrite)
     table = TrackTable()
     ids: list[int] = []
     scores: dict[int, np.ndarray] = {}
@@ -421,7 +302,7 @@ def segment_stack(
     name = Path(str(getattr(video, "path", "") or "")).name or "segment"
     try:
         # no spill to disk when no pass re-reads another pass's frames
-        state = run.init_state(video, history=None if needs_history else "ram")
+        state = run.init_state(video, history=None if needs_history(passes, n_frames - 1) else "ram")
         try:
             if prompts:
                 prompts.apply(run, state, width=width, height=height)
@@ -443,16 +324,15 @@ def segment_stack(
                     bar.update(1)
 
                 if ids:
-                    for s, reverse in passes:
-                        if lineage and not reverse:
+                    for p in passes:
+                        if lineage and not p.reverse:  # lineage consumes the forward pass
                             from .lineage import LineageTracker
 
                             tracker = LineageTracker(run, state, video, ids, new_params, div_params, rgb=rgb)
-                            tracker.propagate(s, emit)
+                            tracker.propagate(p.start, emit)
                             continue
-                        for frame_idx, frame_ids, logits in run.propagate_in_video(state, start_frame_idx=s,
-                                                                                    reverse=reverse):
-                            emit(frame_idx, masks_to_labels(logits, frame_ids))
+                        for frame_idx, frame_ids, logits in run_passes(run, state, [p]):
+                            emit(frame_idx, logits_to_labels(logits, frame_ids))
             if tracker is not None:
                 ids, parents = list(tracker.ids), dict(tracker.parents)
                 scores.update(tracker.scores(n_frames))

@@ -30,6 +30,8 @@ from typing import Any, Callable, Iterable
 import numpy as np
 
 from .io.atomic import remove_stale_partials, write_error
+from .label_formats import LABEL_FORMATS
+from .modeling.configs import DEFAULT_MODEL
 from .io.lock import LOCK_NAME, OutputLock
 from .io.result_files import PendingResult, check_complete, fingerprint, manifest_path
 
@@ -39,8 +41,7 @@ __all__ = [
     "check_job_outputs", "read_prompts",
 ]
 
-FORMATS = ("zarr", "tiff", "ctc")
-_SUFFIXES = {"zarr": ".ome.zarr", "tiff": ".tif", "ctc": "_RES"}
+FORMATS = tuple(LABEL_FORMATS)
 _MODEL_OPTIONS = ("model", "checkpoint", "device", "image_size")
 _STACK_SUFFIXES = (".ome.tiff", ".ome.tif", ".ome.zarr", ".tiff", ".tif", ".zarr", ".png", ".jpeg", ".jpg")
 
@@ -132,7 +133,7 @@ def output_paths(out_dir: str | os.PathLike, name: str, fmt: str) -> dict[str, P
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     out = Path(out_dir)
-    return {"labels": out / f"{name}{_SUFFIXES[fmt]}", "tracks": out / f"{name}.tracks.csv"}
+    return {"labels": out / f"{name}{LABEL_FORMATS[fmt]}", "tracks": out / f"{name}.tracks.csv"}
 
 
 def find_prompts_file(prompts: str | None, input_path: str, name: str) -> str | None:
@@ -184,7 +185,7 @@ def _predictor(options: dict):
         if key not in _PREDICTORS:
             _PREDICTORS.clear()  # one model at a time is enough
             _PREDICTORS[key] = build_video_predictor(
-                options.get("model") or "sam2.1_hiera_tiny", checkpoint=options.get("checkpoint"),
+                options.get("model") or DEFAULT_MODEL, checkpoint=options.get("checkpoint"),
                 device=options.get("device") or "auto", image_size=options.get("image_size"),
             )
         return _PREDICTORS[key]

@@ -8,7 +8,7 @@ import os
 import torch
 
 from .checkpoints import load_state_dict, load_weights, resolve_checkpoint
-from .modeling import SAM2, get_config
+from .modeling import DEFAULT_MODEL, SAM2, get_config
 
 
 def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
@@ -26,7 +26,7 @@ def resolve_device(device: str | torch.device | None = "auto") -> torch.device:
 
 
 def build_model(
-    name: str = "sam2.1_hiera_tiny",
+    name: str = DEFAULT_MODEL,
     checkpoint: str | os.PathLike | None = None,
     device: str | torch.device = "cpu",
     *,

@@ -21,6 +21,10 @@ import sys
 import threading
 from pathlib import Path
 
+from .label_formats import LABEL_FORMATS
+from .modeling.configs import DEFAULT_MODEL
+from .propagation import DIRECTIONS
+
 __all__ = ["main", "build_parser"]
 
 _EPILOG_SEGMENT = """\
@@ -91,9 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--auto-param", action="append", type=_auto_param, default=[], metavar="KEY=VALUE",
                      help="automatic mask generator parameter, repeatable (points_per_side=16, pred_iou_thresh=0.7, "
                      "min_area=50, max_objects=100, ...)")
-    seg.add_argument("--format", choices=("zarr", "tiff", "ctc"), default="zarr", help="labels as OME-Zarr (default), "
+    seg.add_argument("--format", choices=tuple(LABEL_FORMATS), default="zarr", help="labels as OME-Zarr (default), "
                      "compressed ImageJ TIFF, or a Cell Tracking Challenge folder")
-    seg.add_argument("--model", default="sam2.1_hiera_tiny", help="registry name (see `napari-sam2 models`; default %(default)s)")
+    seg.add_argument("--model", default=DEFAULT_MODEL, help="registry name (see `napari-sam2 models`; default %(default)s)")
     seg.add_argument("--checkpoint", metavar="PATH", help="checkpoint file (default: the official one, downloaded once)")
     seg.add_argument("--device", choices=("cpu", "cuda", "mps", "auto"), default="auto", help="default %(default)s: cuda > mps > cpu")
     seg.add_argument("--image-size", type=int, metavar="N", help="network input size, a multiple of 64 (default 1024; smaller is faster)")
@@ -104,7 +108,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--along", choices=("T", "Z"), type=str.upper, help="propagate through time (T, default) or "
                      "through the planes of a volume (Z)")
     seg.add_argument("--t", type=_positive_int, metavar="T", help="time point of the volume for --along Z")
-    seg.add_argument("--direction", choices=("both", "forward", "backward"), default="both",
+    seg.add_argument("--direction", choices=DIRECTIONS, default="both",
                      help="propagate from the earliest prompted frame forward and/or the latest backward (default both)")
     seg.add_argument("--mask-frame", type=_positive_int, default=0, metavar="T",
                      help="frame of a label-image prompt, and the frame seeded by --auto (default 0)")
@@ -247,10 +251,10 @@ def _segment(args: argparse.Namespace) -> int:
         detect_new = {"every": args.detect_new, "generator": generator}
     for params in (auto, detect_new and detect_new["generator"]):
         if params:
-            from .api import _auto_parameters
+            from .predictor.generator_parameters import generator_parameters
 
             try:
-                _auto_parameters(params)
+                generator_parameters(params)
             except ValueError as exc:
                 return _error(f"--auto-param: {exc}")
     if args.prompts is not None:

@@ -28,6 +28,8 @@ from typing import Any, Callable, Iterable
 import numpy as np
 from scipy import ndimage
 
+from .labels import logits_to_labels
+
 __all__ = ["NewObjectParams", "DivisionParams", "new_object_params", "division_params", "LineageTracker"]
 
 
@@ -164,12 +166,10 @@ class LineageTracker:
 
     # ------------------------------------------------------------------ helpers
     def frame_labels(self, t: int, frame_ids, logits) -> np.ndarray:
-        from .api import masks_to_labels
-
         keep = [i for i, o in enumerate(frame_ids) if not (o in self.ended and t >= self.ended[o])]
         if len(keep) == len(frame_ids):
-            return masks_to_labels(logits, frame_ids)
-        return masks_to_labels(logits[keep], [frame_ids[i] for i in keep])
+            return logits_to_labels(logits, frame_ids)
+        return logits_to_labels(logits[keep], [frame_ids[i] for i in keep])
 
     def _room(self, limit: int, wanted: int) -> int:
         return max(0, min(wanted, int(limit) - len(self.ids)))
@@ -189,10 +189,10 @@ class LineageTracker:
         if self.new.mask_source is not None:
             return [np.asarray(m, bool) for m in self.new.mask_source(image, t)]
         if self._source is None:
-            from .api import _auto_parameters
+            from .predictor.generator_parameters import generator_parameters
             from .predictor.amg import AutomaticMaskGenerator
 
-            params, _ = _auto_parameters(self.new.generator)
+            params, _ = generator_parameters(self.new.generator)
             if not self.rgb and params.get("intensity_range") is None:
                 params["intensity_range"] = getattr(self.state, "intensity_range", None)
             self._source = AutomaticMaskGenerator(self.run.model, **params)

@@ -10,12 +10,12 @@ Challenge folders, appearing under their final name only when complete.
 from .atomic import OutputWriteError
 from .ctc import check_tracks, read_ctc_tracks, tracks_from_labels, write_ctc
 from .normalize import normalize_frame, percentile_range
-from .readers import open_stack, select
+from .readers import open_stack, select, video_view
 from .stack import Stack, StackReadError
 from .writers import ZarrLabelsWriter, write_tiff_labels, write_tracks_csv
 
 __all__ = [
-    "Stack", "StackReadError", "open_stack", "select",
+    "Stack", "StackReadError", "open_stack", "select", "video_view",
     "percentile_range", "normalize_frame",
     "ZarrLabelsWriter", "write_tiff_labels", "write_ctc", "tracks_from_labels",
     "check_tracks", "read_ctc_tracks", "write_tracks_csv", "OutputWriteError",

@@ -26,7 +26,7 @@ from .stack import Stack, StackReadError, check_pixel_dtype, non_regular_kind
 from .tiff_source import TIFF_SUFFIXES, read_tiff
 from .zarr_source import is_zarr_path, read_zarr
 
-__all__ = ["Stack", "StackReadError", "open_stack", "select"]
+__all__ = ["Stack", "StackReadError", "open_stack", "select", "video_view"]
 
 _Z_PROJECTIONS = ("max", "mean", "min")
 
@@ -173,6 +173,20 @@ def _open(source: Any, axes: str | None) -> Stack:
         f"({', '.join(TIFF_SUFFIXES)}), Zarr/OME-Zarr (.zarr folders), PNG/JPEG, "
         "and folders of per-frame images"
     )
+
+
+def video_view(stack: Stack, channel: int | None = None, **planes) -> Stack:
+    """The video to segment, decided once for every door: ``TYXC`` (frames ``(Y, X, 3)``) for an RGB
+    stack (3 channels, no channel picked, no other axis), else the single-channel ``TYX`` video of
+    :func:`select` (``planes``: its ``z``, ``z_project``, ``along``, ``t``)."""
+    ax = stack.axes
+    if channel is None and not planes and "C" in ax and stack.size("C") == 3 and set(ax) <= set("TCYX"):
+        order = [ax.index(a) for a in "TYXC" if a in ax]
+        data = stack.data.transpose(order)
+        if "T" not in ax:
+            data = data[None]
+        return Stack(data=data, axes="TYXC", path=stack.path, metadata=dict(stack.metadata))
+    return select(stack, channel=channel, **planes)
 
 
 def select(stack: Stack, channel: int | None = None, z: int | None = None,

@@ -47,7 +47,6 @@ class SAM2Config:
     dynamic_multimask_stability_thresh: float = 0.98
     # video-mode settings the official video builder applies
     binarize_mask_from_pts_for_mem_enc: bool = True
-    fill_hole_area: int = 8
 
     @property
     def backbone_channel_list(self) -> tuple[int, int, int, int]:
@@ -79,6 +78,9 @@ def _make(version: str, size: str) -> SAM2Config:
         use_signed_tpos_enc_to_obj_ptrs=v21,
     )
 
+
+#: the model used when none is named: the smallest and fastest of the latest version
+DEFAULT_MODEL = "sam2.1_hiera_tiny"
 
 CONFIGS: dict[str, SAM2Config] = {
     f"{v}_hiera_{s}": _make(v, s) for v in VERSIONS for s in SIZES

@@ -19,7 +19,7 @@ Example
 -------
 >>> gen = AutomaticMaskGenerator(build_model("sam2.1_hiera_large"), points_per_side=32, min_area=50)
 >>> records = gen.generate(image)            # H x W uint16 works; H x W x 3 uint8 as the official one
->>> labels = masks_to_labels(records, image.shape[:2])
+>>> labels = records_to_labels(records, image.shape[:2])
 """
 
 from __future__ import annotations
@@ -33,7 +33,8 @@ import numpy as np
 import torch
 
 from .image import ImagePredictor
-from .transforms import check_image, remove_small_regions, to_unit_rgb, upsample_masks, fill_holes_and_sprinkles
+from .postprocess import fill_holes_and_sprinkles, remove_small_regions, resize_logits
+from .preprocess import check_image, to_model_coords, to_unit_rgb
 
 __all__ = [
     "AutomaticMaskGenerator",
@@ -45,7 +46,7 @@ __all__ = [
     "calculate_stability_score",
     "generate_crop_boxes",
     "mask_to_rle",
-    "masks_to_labels",
+    "records_to_labels",
     "nms",
     "rle_to_mask",
 ]
@@ -192,7 +193,7 @@ def rle_to_mask(rle: dict) -> np.ndarray:
     return flat.reshape(w, h).T.copy()
 
 
-def masks_to_labels(records: Sequence[dict], shape: tuple[int, int] | None = None, order: str = "area") -> np.ndarray:
+def records_to_labels(records: Sequence[dict], shape: tuple[int, int] | None = None, order: str = "area") -> np.ndarray:
     """A label image (uint32, 0 = background) from :meth:`AutomaticMaskGenerator.generate` records.
 
     ``order="area"``: larger masks are painted first so that smaller ones stay visible on top;
@@ -514,7 +515,7 @@ class AutomaticMaskGenerator:
         pred = self.predictor
         dev = pred.device
         pts = torch.as_tensor(points, dtype=torch.float32, device=dev)
-        in_points = pred._transform_coords(pts, True, crop_hw)
+        in_points = to_model_coords(pts, crop_hw, pred.image_size)
         in_labels = torch.ones(in_points.shape[0], dtype=torch.int, device=dev)
         low, iou = pred._decode(in_points[:, None, :], in_labels[:, None], multimask_output=self.multimask_output)
         c = low.shape[1]
@@ -545,7 +546,7 @@ class AutomaticMaskGenerator:
         # full-size logits in chunks of at most ~2**25 pixels (128 MB of float32)
         chunk = max(1, int(2**25 // max(1, crop_hw[0] * crop_hw[1])))
         for sl in _batches(low.shape[0], chunk):
-            logits = upsample_masks(low[sl, None], crop_hw)[:, 0]
+            logits = resize_logits(low[sl, None].float(), crop_hw)[:, 0]
             stab, masks, areas, boxes = _mask_stats(logits, self.mask_threshold, self.stability_score_offset)
             del logits
             keep = areas > 0

@@ -8,30 +8,10 @@ from typing import Any, Callable
 import numpy as np
 import torch
 
-from ..io import normalize_frame, open_stack, percentile_range, select
+from ..io import normalize_frame, open_stack, percentile_range, video_view
 from ..io.stack import Stack
-from .transforms import IMAGENET_MEAN, IMAGENET_STD, to_model_input
+from .preprocess import reference_model_input, to_model_input
 
-
-
-def _as_stack(video: Any, axes: str | None, channel: int | None, rgb: bool) -> Stack:
-    stack = video if isinstance(video, Stack) else open_stack(video, axes=axes)
-    if rgb:
-        # keep the 3 colour channels together: (T, Y, X, 3)
-        data, ax = stack.data, stack.axes
-        keep = [a for a in ax if a in "TYXC"]
-        if len(keep) != len(ax):
-            raise ValueError(f"an RGB video needs axes from T, Y, X, C only; got {ax!r}. Pass axes= or channel=.")
-        order = [ax.index(a) for a in "TYXC" if a in ax]
-        data = data.transpose(order)
-        if "T" not in ax:
-            data = data[None]
-        return Stack(data=data, axes="TYXC", path=stack.path, metadata=dict(stack.metadata))
-    return select(stack, channel=channel)
-
-
-def _is_rgb(stack: Stack, channel: int | None) -> bool:
-    return channel is None and "C" in stack.axes and stack.size("C") == 3
 
 
 class FrameSource:
@@ -60,8 +40,8 @@ class FrameSource:
         percentiles: tuple[float, float] = (0.5, 99.5),
     ):
         stack = video if isinstance(video, Stack) else open_stack(video, axes=axes)
-        self.rgb = _is_rgb(stack, channel)
-        self.stack = _as_stack(stack, axes, channel, self.rgb)
+        self.stack = video_view(stack, channel=channel)
+        self.rgb = self.stack.axes == "TYXC"
         self.data = self.stack.data
         shape = self.data.shape
         if shape[0] == 0:
@@ -90,8 +70,6 @@ class FrameSource:
             self.range = (float(normalize[0]), float(normalize[1]))
         else:
             raise ValueError(f"normalize must be 'percentile', 'reference' or a (lo, hi) pair, got {normalize!r}.")
-        self._mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
-        self._std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
 
     def __len__(self) -> int:
         return self.num_frames
@@ -112,20 +90,9 @@ class FrameSource:
         """Frame ``t`` as a 3 x S x S float32 tensor, normalised for the network."""
         frame = self.raw(t)
         if isinstance(self.normalize, str) and self.normalize == "reference":
-            img = self._reference_preprocess(frame)
-        else:
-            lo, hi = self.range
-            return to_model_input(normalize_frame(frame, lo, hi, index=t), self.image_size)[0]
-        return (img - self._mean) / self._std
-
-    def _reference_preprocess(self, frame: np.ndarray) -> torch.Tensor:
-        from PIL import Image
-
-        if frame.ndim == 2:
-            frame = np.repeat(frame[..., None], 3, axis=2)
-        # PIL's default resampling, as the official frame loader uses
-        img = np.array(Image.fromarray(frame).convert("RGB").resize((self.image_size, self.image_size)))
-        return torch.from_numpy(img / 255.0).permute(2, 0, 1).float()
+            return reference_model_input(frame, self.image_size)
+        lo, hi = self.range
+        return to_model_input(normalize_frame(frame, lo, hi, index=t), self.image_size)[0]
 
 
 class FeatureCache:

@@ -22,7 +22,8 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from .transforms import fill_holes_and_sprinkles, to_model_input, to_unit_rgb, upsample_masks
+from .postprocess import fill_holes_and_sprinkles, resize_logits
+from .preprocess import to_model_coords, to_model_input, to_unit_rgb
 
 _VALID_LABELS = (-1, 0, 1, 2, 3)
 
@@ -354,12 +355,7 @@ class ImagePredictor:
 
     def _transform_coords(self, coords: torch.Tensor, normalize: bool, orig_hw: tuple[int, int]) -> torch.Tensor:
         """(x, y) in original pixels (or [0, 1]) -> network input pixels (S x S)."""
-        if normalize:
-            h, w = orig_hw
-            coords = coords.clone()
-            coords[..., 0] = coords[..., 0] / w
-            coords[..., 1] = coords[..., 1] / h
-        return coords * self.image_size
+        return to_model_coords(coords, orig_hw if normalize else (1.0, 1.0), self.image_size)
 
     # ------------------------------------------------------------------ the network
     @torch.no_grad()
@@ -403,7 +399,7 @@ class ImagePredictor:
     def _postprocess(self, low_res: torch.Tensor, orig_hw: tuple[int, int]) -> torch.Tensor:
         """Hole / sprinkle removal on the low-res logits, then bilinear upsampling to ``orig_hw``."""
         masks = fill_holes_and_sprinkles(low_res.float(), self.mask_threshold, self.max_hole_area, self.max_sprinkle_area)
-        return upsample_masks(masks, orig_hw)
+        return resize_logits(masks.float(), orig_hw)
 
     @torch.no_grad()
     def _predict(

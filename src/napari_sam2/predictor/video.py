@@ -17,13 +17,13 @@ from typing import Any, Iterator
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..build import build_model, resolve_device
-from ..modeling import SAM2
+from ..modeling import DEFAULT_MODEL, SAM2
 from ..modeling.sam2 import NO_OBJ_SCORE, FrameFeatures
 from .frames import FeatureCache, FrameSource
-from .postprocess import fill_holes, non_overlapping
+from .postprocess import fill_holes, non_overlapping, resize_logits
+from .preprocess import mask_to_model_input, to_model_coords
 from .store import FrameStore, SpillDir
 
 _FORWARD, _REVERSE = 1, 2
@@ -304,7 +304,7 @@ class VideoPredictor:
         """N x 1 x h x w logits -> N x 1 x H x W at the video's resolution."""
         size = (state.video_height, state.video_width)
         if tuple(masks.shape[-2:]) != size:
-            masks = F.interpolate(masks, size=size, mode="bilinear", align_corners=False)
+            masks = resize_logits(masks, size)
         if self.non_overlap_masks:
             masks = non_overlapping(masks)
         return masks
@@ -316,7 +316,7 @@ class VideoPredictor:
         for i, obj in enumerate(state.objects.values()):
             out = obj.output(t, temp_key)
             if out is not None:
-                masks[i : i + 1] = F.interpolate(out["pred_masks"], size=size, mode="bilinear", align_corners=False)
+                masks[i : i + 1] = resize_logits(out["pred_masks"], size)
         return t, state.obj_ids, self._video_res(state, masks)
 
     # ------------------------------------------------------------------ prompts
@@ -360,7 +360,7 @@ class VideoPredictor:
         if outside.any():
             where = "the normalised range [0, 1]" if not normalize_coords else f"the {state.video_width} x {state.video_height} (width x height) frame"
             raise ValueError(f"prompt coordinates {pts[outside].tolist()} (x, y) lie outside {where}.")
-        pts = pts / torch.tensor([w, h], dtype=torch.float32) * self.image_size
+        pts = to_model_coords(pts, (h, w), self.image_size)
         return pts[None], lab[None]
 
     def _prepare_prompt(self, state: VideoState, obj: ObjectTrack, t: int):
@@ -434,9 +434,7 @@ class VideoPredictor:
                 f"mask shape {tuple(m.shape)} does not match the video's frames {(state.video_height, state.video_width)} (H, W)."
             )
         m = (m > 0).float()[None, None]
-        if m.shape[-2:] != (self.image_size, self.image_size):
-            m = F.interpolate(m, size=(self.image_size, self.image_size), mode="bilinear", align_corners=False, antialias=True)
-            m = (m >= 0.5).float()
+        m = mask_to_model_input(m, self.image_size)
         state.features(t)  # a frame that cannot be read fails here, before the session changes
         obj = self._object(state, obj_id, create=True)
         obj.mask_input_frames.add(t)
@@ -503,7 +501,7 @@ class VideoPredictor:
                 for t, out in obj.temp[key].items():
                     if out["maskmem_features"] is None:
                         feats = state.features(t)
-                        high = F.interpolate(out["pred_masks"].to(self.device), size=(self.image_size,) * 2, mode="bilinear", align_corners=False)
+                        high = resize_logits(out["pred_masks"].to(self.device), (self.image_size,) * 2)
                         with self._autocast():
                             mem = self.model.encode_memory(feats, high, out["object_score_logits"].to(self.device), True)
                         out["maskmem_features"] = mem.to(torch.bfloat16).cpu()
@@ -569,7 +567,7 @@ class VideoPredictor:
 
 
 def build_video_predictor(
-    name: str = "sam2.1_hiera_tiny",
+    name: str = DEFAULT_MODEL,
     checkpoint: str | os.PathLike | None = None,
     device: str | torch.device = "auto",
     image_size: int | None = None,

@@ -1,40 +1,37 @@
-"""Image preprocessing and mask post-processing shared by the image predictor and the mask generator.
+"""Frames and prompts -> network input: the one home of pre-processing.
 
-Preprocessing, in two steps:
+Images, in two steps:
 
 1. :func:`to_unit_rgb` turns any 2-D or RGB image into a float32 ``H x W x 3`` array in [0, 1].
    uint8 is divided by 255 (what ``torchvision.transforms.ToTensor`` does in the official
    predictor); every other dtype (uint16 and other integers, floats) is scaled with its
-   0.5 / 99.5 percentiles (or a fixed ``intensity_range``) and clipped; grey is replicated to
-   three channels.
+   0.5 / 99.5 percentiles (or a fixed ``intensity_range``, one per stack for videos) and clipped;
+   grey is replicated to three channels.
 2. :func:`to_model_input` resizes to the network's square input (bilinear, half-pixel centres,
    antialiased: what the official ``torchvision.transforms.Resize`` does on a float tensor) and
-   normalises with the ImageNet mean / std.
+   normalises with the ImageNet mean / std. :func:`reference_model_input` is the official video
+   loader's path for 8-bit frames (PIL resize, x / 255), kept for exact comparisons.
 
 For uint8 RGB this reproduces the official ``SAM2Transforms`` bit for bit (up to the float
 rounding of the same operations).
 
-Post-processing: :func:`fill_holes_and_sprinkles` (the official predictor's ``max_hole_area`` /
-``max_sprinkle_area``, with scipy instead of the CUDA extension), :func:`remove_small_regions`
-(hole / island removal on full-resolution binary masks).
+Prompts: :func:`to_model_coords` scales (x, y) points and box corners from frame pixels to the
+network's input pixels (both predictors); :func:`mask_to_model_input` resizes a mask prompt.
 """
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
 import torch.nn.functional as F
-from scipy import ndimage
 
 from ..io.normalize import normalize_frame
-from .postprocess import component_areas
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
 DEFAULT_PERCENTILES = (0.5, 99.5)
-_EIGHT_CONNECTED = np.ones((3, 3), dtype=bool)
 
 
 def check_image(image) -> np.ndarray:
@@ -137,65 +134,31 @@ def to_model_input(unit_rgb: np.ndarray, size: int, device: torch.device | str =
     return ((x - mean) / std)[None]
 
 
-def upsample_masks(masks: torch.Tensor, hw: tuple[int, int]) -> torch.Tensor:
-    """``B x C x h x w`` logits -> ``B x C x H x W`` (bilinear, half-pixel centres)."""
-    return F.interpolate(masks.float(), size=tuple(int(v) for v in hw), mode="bilinear", align_corners=False)
+def reference_model_input(frame: np.ndarray, size: int) -> torch.Tensor:
+    """8-bit grey or RGB ``frame`` -> ``3 x size x size``, exactly as the official video loader: PIL's
+    default resize of the RGB image, x / 255, ImageNet mean / std."""
+    from PIL import Image
+
+    if frame.ndim == 2:
+        frame = np.repeat(frame[..., None], 3, axis=2)
+    img = np.array(Image.fromarray(frame).convert("RGB").resize((size, size)))
+    x = torch.from_numpy(img / 255.0).permute(2, 0, 1).float()
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1)
+    return (x - mean) / std
 
 
-def fill_holes_and_sprinkles(
-    logits: torch.Tensor,
-    mask_threshold: float = 0.0,
-    max_hole_area: float = 0.0,
-    max_sprinkle_area: float = 0.0,
-) -> torch.Tensor:
-    """The official predictor's clean-up of ``... x h x w`` mask logits (a new tensor).
-
-    Background components (logit <= threshold, 8-connected, touching the border or not) of at most
-    ``max_hole_area`` pixels become foreground (threshold + 10); foreground components of at most
-    ``max_sprinkle_area`` pixels become background (threshold - 10). Both are found on the input
-    logits. Areas are in pixels of ``logits`` (the 256 x 256 low-resolution masks in the predictor).
-    """
-    if not (max_hole_area > 0 or max_sprinkle_area > 0) or logits.numel() == 0:
-        return logits
-    shape = logits.shape
-    flat = logits.detach().float().reshape(-1, *shape[-2:]).cpu().numpy()
-    holes = np.zeros(flat.shape, dtype=bool)
-    sprinkles = np.zeros(flat.shape, dtype=bool)
-    for i, m in enumerate(flat):
-        if max_hole_area > 0:
-            labels, areas = component_areas(m <= mask_threshold)
-            holes[i] = (labels > 0) & (areas <= max_hole_area)
-        if max_sprinkle_area > 0:
-            labels, areas = component_areas(m > mask_threshold)
-            sprinkles[i] = (labels > 0) & (areas <= max_sprinkle_area)
-    out = logits.float()
-    dev = logits.device
-    out = torch.where(torch.from_numpy(holes).to(dev).reshape(shape), mask_threshold + 10.0, out)
-    out = torch.where(torch.from_numpy(sprinkles).to(dev).reshape(shape), mask_threshold - 10.0, out)
-    return out
+def to_model_coords(xy: torch.Tensor, hw: tuple[float, float], size: int) -> torch.Tensor:
+    """``... x 2`` (x, y) in a frame of ``hw = (height, width)`` pixels -> network input pixels
+    (``size x size``). ``hw = (1, 1)``: the coordinates are already normalised to [0, 1]."""
+    h, w = hw
+    return xy / torch.tensor([w, h], dtype=xy.dtype, device=xy.device) * size
 
 
-def remove_small_regions(mask: np.ndarray, area_thresh: float, mode: str) -> tuple[np.ndarray, bool]:
-    """Remove holes (``mode="holes"``) or islands (``mode="islands"``) under ``area_thresh`` pixels.
-
-    8-connectivity. ``"holes"`` fills background components smaller than the threshold (including
-    ones touching the border); ``"islands"`` drops foreground components smaller than it, keeping
-    the largest one if all are small. Returns ``(new_mask, changed)``.
-    """
-    if mode not in ("holes", "islands"):
-        raise ValueError(f"mode must be 'holes' or 'islands', got {mode!r}")
-    mask = np.asarray(mask, dtype=bool)
-    work = ~mask if mode == "holes" else mask
-    labels, n = ndimage.label(work, structure=_EIGHT_CONNECTED)
-    if n == 0:
-        return mask, False
-    sizes = np.bincount(labels.ravel())[1:]
-    small = np.flatnonzero(sizes < area_thresh) + 1
-    if small.size == 0:
-        return mask, False
-    if mode == "holes":
-        return mask | np.isin(labels, small), True
-    big = np.flatnonzero(sizes >= area_thresh) + 1
-    if big.size == 0:
-        big = np.array([int(np.argmax(sizes)) + 1])
-    return np.isin(labels, big), True
+def mask_to_model_input(mask: torch.Tensor, size: int) -> torch.Tensor:
+    """A binary ``1 x 1 x H x W`` float mask prompt -> ``1 x 1 x size x size`` binary float (antialiased
+    bilinear resize, then >= 0.5), as the official video predictor does."""
+    if tuple(mask.shape[-2:]) == (size, size):
+        return mask
+    resized = F.interpolate(mask, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    return (resized >= 0.5).float()
