@@ -520,7 +520,7 @@ class SAM2Widget(QWidget):
                         self._erase_label(session, obj, t)
                 except Exception as exc:
                     _notify_error(f"could not remove the prompts of object {obj} on frame {t}: {exc}")
-        from .prompts import Prompt
+        from .prompts import Prompt, clip_points
 
         for t, obj in sorted(changed):
             entry = prompts[(t, obj)]
@@ -529,8 +529,7 @@ class SAM2Widget(QWidget):
             pts_xy = p.xy_points()
             labels = None
             if pts_xy is not None:
-                pts_xy[:, 0] = np.clip(pts_xy[:, 0], 0, session.width)
-                pts_xy[:, 1] = np.clip(pts_xy[:, 1], 0, session.height)
+                pts_xy = clip_points(pts_xy, session.height, session.width)
                 labels = p.positive.astype(np.int32)
             box = p.xyxy_box()
             if box is not None:
