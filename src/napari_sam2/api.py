@@ -25,7 +25,7 @@ from .modeling.configs import DEFAULT_MODEL
 from .labels import LABEL_DTYPE, logits_to_labels, open_label_sink
 from .predictor.generator_parameters import generator_parameters
 from .prompts import Prompts, build_prompts
-from .propagation import DIRECTIONS, needs_history, plan_passes, run_passes
+from .propagation import DIRECTIONS, VideoPredictorLike, needs_history, plan_passes, run_passes
 from .tracking import TrackTable, add_parents, ctc_tracks
 
 __all__ = ["segment_stack", "SegmentationResult", "open_video"]
@@ -120,7 +120,7 @@ def open_video(stack: Any, axes: str | None = None, channel: int | None = None,
     return video, shape
 
 
-def _seed_automatically(predictor, state, video: Stack, frame: int, auto: dict | None, rgb: bool) -> list[int]:
+def _seed_automatically(predictor: VideoPredictorLike, state, video: Stack, frame: int, auto: dict | None, rgb: bool) -> list[int]:
     """Seed objects on ``frame`` with the automatic mask generator; returns their ids (1..N)."""
     from .predictor.amg import AutomaticMaskGenerator
 
@@ -172,7 +172,7 @@ def segment_stack(
     auto: dict | None = None,
     out=None,
     overwrite: bool = False,
-    predictor=None,
+    predictor: VideoPredictorLike | None = None,
     progress: bool | str = True,
     callback: Callable[[int, np.ndarray], Any] | None = None,
     detect_new=None,

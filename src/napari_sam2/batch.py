@@ -32,6 +32,7 @@ import numpy as np
 from .io.atomic import remove_stale_partials, write_error
 from .label_formats import LABEL_FORMATS
 from .modeling.configs import DEFAULT_MODEL
+from .propagation import VideoPredictorLike
 from .io.lock import LOCK_NAME, OutputLock
 from .io.result_files import PendingResult, check_complete, fingerprint, manifest_path
 
@@ -246,7 +247,7 @@ def check_job_outputs(job: Job, inputs: Iterable[str] = ()) -> str | None:
     return None
 
 
-def run_one(job: Job, predictor=None) -> dict:
+def run_one(job: Job, predictor: VideoPredictorLike | None = None) -> dict:
     """Segment one input and publish its outputs together; never raises for a bad input.
 
     Outputs appear only complete (see :mod:`napari_sam2.io.result_files`); inputs, and earlier results
@@ -363,7 +364,7 @@ def _version() -> str:
     return __version__
 
 
-def _segment(job: Job, pending: PendingResult, model, progress, kwargs: dict):
+def _segment(job: Job, pending: PendingResult, model: VideoPredictorLike, progress, kwargs: dict):
     """Run segment_stack for one job, writing its labels in the job's format into ``pending``."""
     from .api import segment_stack
 
@@ -379,7 +380,8 @@ def _segment(job: Job, pending: PendingResult, model, progress, kwargs: dict):
     return result
 
 
-def run_batch(jobs: list[Job], scheduler: str | None = None, predictor=None, progress: bool = True,
+def run_batch(jobs: list[Job], scheduler: str | None = None, predictor: VideoPredictorLike | None = None,
+              progress: bool = True,
               on_result: Callable[[dict], Any] | None = None, locked: bool = False) -> list[dict]:
     """Run every job; returns one result per job, in the jobs' order.
 

@@ -28,7 +28,9 @@ from typing import Any, Callable, Iterable
 import numpy as np
 from scipy import ndimage
 
+from .io.stack import Stack
 from .labels import logits_to_labels
+from .propagation import VideoPredictorLike
 
 __all__ = ["NewObjectParams", "DivisionParams", "new_object_params", "division_params", "LineageTracker"]
 
@@ -150,7 +152,7 @@ class LineageTracker:
     restart (the later frame replaces the earlier).
     """
 
-    def __init__(self, predictor, state, video, obj_ids: list[int], new: NewObjectParams | None,
+    def __init__(self, predictor: VideoPredictorLike, state, video: Stack, obj_ids: list[int], new: NewObjectParams | None,
                  divisions: DivisionParams | None, rgb: bool = False):
         self.run = predictor
         self.state = state

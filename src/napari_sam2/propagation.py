@@ -9,8 +9,9 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
-__all__ = ["DIRECTIONS", "Pass", "plan_passes", "needs_history", "run_passes"]
+__all__ = ["DIRECTIONS", "Pass", "VideoPredictorLike", "plan_passes", "needs_history", "run_passes"]
 
 DIRECTIONS = ("both", "forward", "backward")
 
@@ -57,8 +58,29 @@ def needs_history(passes: Sequence[Pass], hi: int) -> bool:
     return len(passes) == 2 and bool(backward) and backward[0].start < hi
 
 
-def run_passes(predictor, state, passes: Sequence[Pass]) -> Iterator[tuple[int, list, object]]:
+def run_passes(predictor: VideoPredictorLike, state, passes: Sequence[Pass]) -> Iterator[tuple[int, list, object]]:
     """``(t, obj_ids, mask_logits)`` per tracked frame, pass after pass."""
     for p in passes:
         yield from predictor.propagate_in_video(state, start_frame_idx=p.start, max_frame_num_to_track=p.count,
                                                 reverse=p.reverse)
+
+
+class VideoPredictorLike(Protocol):
+    """What the notebook API, the batch runner and the lineage tracker need of a video predictor:
+    the official video predictor's session methods (:class:`napari_sam2.VideoPredictor` has them; the
+    test doubles implement them too). ``model`` is the network, for automatic seeding."""
+
+    model: Any
+
+    def init_state(self, video, **kwargs) -> Any: ...
+
+    def add_new_points_or_box(self, inference_state, frame_idx: int, obj_id, points=None, labels=None,
+                              clear_old_points: bool = True, normalize_coords: bool = True, box=None) -> Any: ...
+
+    def add_new_mask(self, inference_state, frame_idx: int, obj_id, mask) -> Any: ...
+
+    def propagate_in_video(self, inference_state, start_frame_idx: int | None = None,
+                           max_frame_num_to_track: int | None = None,
+                           reverse: bool = False) -> Iterator[tuple[int, list, Any]]: ...
+
+    def close(self, state) -> None: ...
