@@ -18,8 +18,6 @@ python - "$WORK" <<'PY'
 import sys
 from pathlib import Path
 
-import numpy as np
-import pandas as pd
 import tifffile
 from napari_sam2.synthetic import make_timelapse
 
@@ -29,14 +27,10 @@ work = Path(sys.argv[1])
 for i in range(3):
     ts = make_timelapse(n_frames=6, shape=(128, 128), n_cells=3, seed=i)
     tifffile.imwrite(work / "data" / f"movie{i}.tif", ts.image, imagej=True, metadata={"axes": "TYX"})
-    rows = []
-    for label in np.unique(ts.labels[0])[1:]:  # one click per cell on frame 0
-        ys, xs = np.nonzero(ts.labels[0] == label)
-        k = np.argmin((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2)
-        rows.append({"t": 0, "y": ys[k], "x": xs[k], "obj_id": int(label), "positive": 1})
-    pd.DataFrame(rows).to_csv(work / "prompts" / f"movie{i}.csv", index=False)
+    clicks = ts.clicks(0).assign(positive=1)  # one click per cell on frame 0: t, y, x, obj_id, positive
+    clicks.to_csv(work / "prompts" / f"movie{i}.csv", index=False)
 (work / "data" / "broken.tif").write_bytes(b"II*\x00 not really a TIFF")
-pd.DataFrame(rows).to_csv(work / "prompts" / "broken.csv", index=False)
+clicks.to_csv(work / "prompts" / "broken.csv", index=False)
 print(f"wrote {work}/data and {work}/prompts")
 PY
 

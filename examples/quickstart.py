@@ -46,16 +46,6 @@ def load_predictor(model: str, device: str, image_size: int | None):
     return napari_sam2.build_video_predictor(model, checkpoint=checkpoint, device=device, image_size=image_size), False
 
 
-def one_click_per_cell(labels: np.ndarray, t: int = 0) -> np.ndarray:
-    """(N, 4) clicks ``t, y, x, obj_id``: the pixel of each cell nearest its centroid."""
-    rows = []
-    for label in np.unique(labels[t])[1:]:
-        ys, xs = np.nonzero(labels[t] == label)
-        k = np.argmin((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2)
-        rows.append([t, ys[k], xs[k], label])
-    return np.array(rows, dtype=float)
-
-
 def mean_iou(pred: np.ndarray, truth: np.ndarray, ids) -> float:
     """Mean over objects and frames where the object exists in the ground truth."""
     scores = []
@@ -86,15 +76,14 @@ def main(argv=None) -> int:
 
     start = time.perf_counter()
     ts = make_timelapse(n_frames=args.frames, shape=(args.size, args.size), n_cells=5, seed=0)
-    clicks = one_click_per_cell(ts.labels, t=0)
+    clicks = ts.clicks(0)  # a table t, y, x, obj_id: the pixel of each cell nearest its centroid
     print(f"synthetic time-lapse: {ts.image.shape} {ts.image.dtype}; {len(clicks)} clicks on frame 0")
 
     predictor, demo = load_predictor(args.model, args.device, args.image_size)
     out = Path(args.out)
     result = napari_sam2.segment_stack(
         ts.image,
-        points=clicks[:, :3],  # napari order: t, y, x
-        obj_ids=clicks[:, 3],  # one object per click, with the ground truth's id
+        points=clicks,  # napari order t, y, x; obj_id: one object per click, with the ground truth's id
         predictor=predictor,
         out=out / "labels.ome.zarr",
         overwrite=True,

@@ -62,13 +62,8 @@ except CheckpointError as exc:
 # - a painted label image of frame 3: its label 4 becomes the mask prompt of object 4.
 
 # %%
-def centre(labels, t, label):
-    ys, xs = np.nonzero(labels[t] == label)
-    k = np.argmin((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2)
-    return float(ys[k]), float(xs[k])
-
-
-y1, x1 = centre(ts.labels, 0, 1)
+first = ts.clicks(0, labels=[1]).iloc[0]  # the pixel of cell 1 nearest its centroid, on frame 0
+y1, x1 = float(first.y), float(first.x)
 clicks = pd.DataFrame({
     "t": [0, 0],
     "y": [y1, min(y1 + 20, 191)],

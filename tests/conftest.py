@@ -13,6 +13,8 @@ reference_factory(name, seed=0) -> (model, checkpoint_path), cached per session
 ref_tiny21                 -> (model, checkpoint_path) for "sam2.1_hiera_tiny", seed 0
 ref_tiny20                 -> (model, checkpoint_path) for "sam2_hiera_tiny", seed 0
 reference_ckpt_dir         -> pathlib.Path, session temp dir holding the checkpoints
+random_checkpoint          -> pathlib.Path, sam2.1_hiera_tiny with untrained weights (seed 0),
+                              official layout; no reference needed
 
 The cached models are shared by all tests of a session: do not modify their weights (deep-copy
 first if you must).
@@ -22,16 +24,11 @@ from __future__ import annotations
 
 import os
 import random
-import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
-
-_TESTS_DIR = Path(__file__).resolve().parent
-if str(_TESTS_DIR) not in sys.path:  # so `import reference` works in any pytest import mode
-    sys.path.insert(0, str(_TESTS_DIR))
 
 SEED = 0
 REQUIRE_REFERENCE_ENV = "NAPARI_SAM2_REQUIRE_REFERENCE"

@@ -4,16 +4,15 @@ Random weights make SAM2's masks meaningless, so two kinds of tests:
 
 - plumbing with the real network (random weights, image_size 256, tiny stacks): shapes, dtypes,
   OME-Zarr output, scores, automatic seeding;
-- meaning with a test double of the video predictor that "tracks" by reading the synthetic ground
-  truth (a click on a cell gives that cell's mask on every frame): labels, tracks, CTC files and the
-  propagation plan are then checked against the ground truth exactly.
+- meaning with a test double of the video predictor (``tests/fakes.py``) that "tracks" by reading
+  the synthetic ground truth (a click on a cell gives that cell's mask on every frame): labels,
+  tracks, CTC files and the propagation plan are then checked against the ground truth exactly.
 """
 
 from __future__ import annotations
 
 import os
 import warnings
-from types import SimpleNamespace
 
 import numpy as np
 import pandas as pd
@@ -21,11 +20,12 @@ import pytest
 import tifffile
 import torch
 import zarr
+from fakes import GroundTruthPredictor
 
 import napari_sam2
 from napari_sam2.api import SegmentationResult, segment_stack
+from napari_sam2.io import read_ctc_tracks, tracks_from_labels
 from napari_sam2.labels import logits_to_labels
-from napari_sam2.io import percentile_range, read_ctc_tracks, tracks_from_labels
 from napari_sam2.prompts import PromptError
 from napari_sam2.synthetic import make_timelapse
 from napari_sam2.tracking import TRACK_COLUMNS, ctc_tracks, tracks_table
@@ -48,74 +48,6 @@ def ts():
     return make_timelapse(n_frames=8, shape=(64, 72), n_cells=4, seed=1)
 
 
-class GroundTruthPredictor:
-    """Test double of VideoPredictor: objects follow the ground-truth cell under their prompt.
-
-    A click (x, y), a box's centre or a mask picks the ground-truth label there; propagation yields
-    that label's mask as logits (+8 inside, -8 outside) on every frame, and object scores of +8 where
-    the cell exists and -8 where it does not. Every call is logged in order.
-    """
-
-    history = "disk"
-
-    def __init__(self, gt_labels: np.ndarray, fail_at: int | None = None, model=None):
-        self.gt = gt_labels
-        self.fail_at = fail_at
-        self.model = model
-        self.log: list[tuple] = []
-
-    def init_state(self, video, history=None, **kwargs):
-        self.log.append(("init", video.axes, tuple(video.shape), history or self.history))
-        state = SimpleNamespace(objs={}, scores={}, intensity_range=percentile_range(video.data))
-        state.object_score_logits = lambda obj: state.scores[obj]
-        return state
-
-    def _attach(self, state, obj_id, label):
-        assert label > 0, "the prompt does not touch a cell"
-        state.objs[obj_id] = int(label)
-        state.scores.setdefault(obj_id, np.full(len(self.gt), np.nan, np.float32))
-
-    def add_new_points_or_box(self, state, frame_idx, obj_id, points=None, labels=None, box=None):
-        self.log.append(("prompt", frame_idx, obj_id))
-        if points is not None:
-            x, y = np.asarray(points)[np.asarray(labels) == 1][0]
-        else:
-            x, y = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-        self._attach(state, obj_id, self.gt[frame_idx, int(round(y)), int(round(x))])
-
-    def add_new_mask(self, state, frame_idx, obj_id, mask):
-        self.log.append(("mask", frame_idx, obj_id))
-        values = self.gt[frame_idx][np.asarray(mask, bool)]
-        self._attach(state, obj_id, np.bincount(values).argmax())
-
-    def propagate_in_video(self, state, start_frame_idx=None, max_frame_num_to_track=None, reverse=False):
-        n = len(self.gt) if max_frame_num_to_track is None else max_frame_num_to_track
-        order = (range(start_frame_idx, max(start_frame_idx - n, 0) - 1, -1) if reverse
-                 else range(start_frame_idx, min(start_frame_idx + n, len(self.gt) - 1) + 1))
-        for t in order:
-            if t == self.fail_at:
-                raise RuntimeError(f"simulated crash on frame {t}")
-            ids = list(state.objs)
-            inside = np.stack([self.gt[t] == state.objs[o] for o in ids])[:, None]
-            for o in ids:
-                state.scores[o][t] = 8.0 if (self.gt[t] == state.objs[o]).any() else -8.0
-            self.log.append(("yield", t, reverse))
-            yield t, ids, torch.from_numpy(np.where(inside, 8.0, -8.0).astype(np.float32))
-
-    def close(self, state):
-        self.log.append(("close",))
-
-
-def _clicks(gt: np.ndarray, t: int, labels=None) -> np.ndarray:
-    """One click per cell on frame t, on the cell pixel nearest its centroid: (N, 4) t, y, x, obj_id."""
-    rows = []
-    for label in labels if labels is not None else np.unique(gt[t])[1:]:
-        ys, xs = np.nonzero(gt[t] == label)
-        k = np.argmin((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2)
-        rows.append([t, ys[k], xs[k], label])
-    return np.array(rows, dtype=float)
-
-
 def _only(gt: np.ndarray, labels) -> np.ndarray:
     return np.where(np.isin(gt, list(labels)), gt, 0).astype(np.uint32)
 
@@ -123,9 +55,9 @@ def _only(gt: np.ndarray, labels) -> np.ndarray:
 # ------------------------------------------------------------------------------------ meaning
 def test_labels_and_tracks_equal_ground_truth(ts):
     fake = GroundTruthPredictor(ts.labels)
-    clicks = _clicks(ts.labels, 3)
+    clicks = ts.clicks(3)
     result = segment_stack(ts.image, points=clicks, predictor=fake, progress=False)
-    ids = sorted(int(i) for i in clicks[:, 3])
+    ids = sorted(int(i) for i in clicks.obj_id)
     assert isinstance(result, SegmentationResult) and result.obj_ids == ids
     expected = _only(ts.labels, ids)
     assert result.labels.dtype == np.uint32 and np.array_equal(result.labels, expected)
@@ -142,7 +74,7 @@ def test_labels_and_tracks_equal_ground_truth(ts):
 
 def test_writers_from_a_result_are_consistent(ts, tmp_path):
     fake = GroundTruthPredictor(ts.labels)
-    result = segment_stack(ts.image, points=_clicks(ts.labels, 0), predictor=fake, progress=False,
+    result = segment_stack(ts.image, points=ts.clicks(0), predictor=fake, progress=False,
                            out=tmp_path / "labels.ome.zarr")
     ctc = result.to_ctc(tmp_path / "01_RES")
     masks = np.stack([tifffile.imread(ctc / f"mask{t:03d}.tif") for t in range(ts.n_frames)])
@@ -161,7 +93,7 @@ def test_writers_from_a_result_are_consistent(ts, tmp_path):
 
 def test_both_directions_from_earliest_and_latest_prompt(ts):
     fake = GroundTruthPredictor(ts.labels)
-    points = np.vstack([_clicks(ts.labels, 2, [1]), _clicks(ts.labels, 5, [2])])
+    points = pd.concat([ts.clicks(2, [1]), ts.clicks(5, [2])], ignore_index=True)
     result = segment_stack(ts.image, points=points, predictor=fake, progress=False)
     yields = [e[1:] for e in fake.log if e[0] == "yield"]
     n = ts.n_frames
@@ -173,7 +105,7 @@ def test_both_directions_from_earliest_and_latest_prompt(ts):
 @pytest.mark.parametrize("direction", ["forward", "backward"])
 def test_one_direction(ts, direction):
     fake = GroundTruthPredictor(ts.labels)
-    points = np.vstack([_clicks(ts.labels, 2, [1]), _clicks(ts.labels, 5, [2])])
+    points = pd.concat([ts.clicks(2, [1]), ts.clicks(5, [2])], ignore_index=True)
     result = segment_stack(ts.image, points=points, predictor=fake, progress=False, direction=direction)
     expected = _only(ts.labels, [1, 2])
     yields = [e[1:] for e in fake.log if e[0] == "yield"]
@@ -188,7 +120,7 @@ def test_one_direction(ts, direction):
 
 def test_prompts_on_first_frame_run_one_pass(ts):
     fake = GroundTruthPredictor(ts.labels)
-    segment_stack(ts.image, points=_clicks(ts.labels, 0), predictor=fake, progress=False, direction="both")
+    segment_stack(ts.image, points=ts.clicks(0), predictor=fake, progress=False, direction="both")
     assert [e[2] for e in fake.log if e[0] == "yield"] == [False] * ts.n_frames
     assert fake.history == "disk"  # the caller's predictor is left as it was
 
@@ -214,7 +146,7 @@ def test_streaming_writes_each_frame_as_it_comes(ts, tmp_path):
         assert fake.log[-1] == ("yield", t, False)  # written before the next frame is made
         fake.log.append(("written", t))
 
-    result = segment_stack(ts.image, points=_clicks(ts.labels, 0), predictor=fake, progress=False, out=out,
+    result = segment_stack(ts.image, points=ts.clicks(0), predictor=fake, progress=False, out=out,
                            callback=callback)
     events = [e for e in fake.log if e[0] in ("yield", "written")]
     assert events == [e for t in range(ts.n_frames) for e in (("yield", t, False), ("written", t))]
@@ -225,13 +157,13 @@ def test_streaming_writes_each_frame_as_it_comes(ts, tmp_path):
     assert attrs["multiscales"][0]["axes"][0]["name"] == "t"
     assert sorted(os.listdir(tmp_path)) == ["stream.ome.zarr"]  # no temporary left behind
     with pytest.raises(FileExistsError):
-        segment_stack(ts.image, points=_clicks(ts.labels, 0), predictor=fake, progress=False, out=out)
+        segment_stack(ts.image, points=ts.clicks(0), predictor=fake, progress=False, out=out)
 
 
 def test_crash_leaves_no_complete_looking_output(ts, tmp_path):
     fake = GroundTruthPredictor(ts.labels, fail_at=3)
     with pytest.raises(RuntimeError, match="simulated crash on frame 3"):
-        segment_stack(ts.image, points=_clicks(ts.labels, 0), predictor=fake, progress=False,
+        segment_stack(ts.image, points=ts.clicks(0), predictor=fake, progress=False,
                       out=tmp_path / "crash.ome.zarr")
     assert os.listdir(tmp_path) == []
     assert fake.log[-1] == ("close",)  # the session is closed (temporary files freed)
@@ -240,10 +172,10 @@ def test_crash_leaves_no_complete_looking_output(ts, tmp_path):
 def test_array_sink(ts):
     fake = GroundTruthPredictor(ts.labels)
     sink = np.zeros(ts.labels.shape, np.uint16)
-    result = segment_stack(ts.image, points=_clicks(ts.labels, 0), predictor=fake, progress=False, out=sink)
+    result = segment_stack(ts.image, points=ts.clicks(0), predictor=fake, progress=False, out=sink)
     assert result.labels is sink and np.array_equal(sink, _only(ts.labels, result.obj_ids))
     with pytest.raises(ValueError, match=r"out has shape \(2, 2, 2\)"):
-        segment_stack(ts.image, points=_clicks(ts.labels, 0), predictor=fake, out=np.zeros((2, 2, 2)))
+        segment_stack(ts.image, points=ts.clicks(0), predictor=fake, out=np.zeros((2, 2, 2)))
 
 
 def test_masks_to_labels_highest_positive_logit():
@@ -267,16 +199,16 @@ def test_bad_prompts_fail_before_any_work(ts):
 def test_axes_and_channel(ts):
     two_channels = np.stack([np.zeros_like(ts.image), ts.image], axis=1)  # (T, C, Y, X)
     fake = GroundTruthPredictor(ts.labels)
-    result = segment_stack(two_channels, points=_clicks(ts.labels, 0), axes="TCYX", channel=1, predictor=fake,
+    result = segment_stack(two_channels, points=ts.clicks(0), axes="TCYX", channel=1, predictor=fake,
                            progress=False)
     assert fake.log[0][:3] == ("init", "TYX", (8, 64, 72))
     assert result.labels.shape == (8, 64, 72)
     with pytest.raises(ValueError, match=r"channel=2 is out of range: the stack has 2 channels"):
-        segment_stack(two_channels, points=_clicks(ts.labels, 0), axes="TCYX", channel=2, predictor=fake)
+        segment_stack(two_channels, points=ts.clicks(0), axes="TCYX", channel=2, predictor=fake)
     with pytest.raises(ValueError, match=r"has shape \(8, 2, 64, 72\) .* axes='TYX' was given"):
-        segment_stack(two_channels, points=_clicks(ts.labels, 0), axes="TYX", predictor=fake)
+        segment_stack(two_channels, points=ts.clicks(0), axes="TYX", predictor=fake)
     with pytest.raises(ValueError, match="direction must be one of"):
-        segment_stack(ts.image, points=_clicks(ts.labels, 0), predictor=fake, direction="sideways")
+        segment_stack(ts.image, points=ts.clicks(0), predictor=fake, direction="sideways")
 
 
 def test_bad_auto_parameters_fail_before_building_a_model(ts):

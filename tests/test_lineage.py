@@ -1,28 +1,37 @@
 """Entering cells and divisions during propagation, lineage in tracks / CTC, and its TRA score.
 
-Random weights cannot find cells, so the orchestration is tested with a test double of the video
-predictor driven by the synthetic ground truth: an object follows the ground-truth cell under its
-prompt and, once that cell has divided, covers both daughters (as SAM2's masklet of a dividing cell
-does: one object falling apart in two). New-object masks come from the ground truth too
-(``NewObjectParams.mask_source``). One run with the real network (random weights) checks that the
-options work together.
+Random weights cannot find cells, so the orchestration is tested with the test double of the video
+predictor in ``tests/fakes.py``, driven by the synthetic ground truth and given its lineage: an
+object follows the ground-truth cell under its prompt and, once that cell has divided, covers both
+daughters (as SAM2's masklet of a dividing cell does: one object falling apart in two). New-object
+masks come from the ground truth too (``NewObjectParams.mask_source``). One run with the real
+network (random weights) checks that the options work together.
 """
 
 from __future__ import annotations
 
-from types import SimpleNamespace
-
 import numpy as np
 import pytest
-import torch
+from fakes import GroundTruthPredictor
 
 import napari_sam2
 from napari_sam2.api import segment_stack
 from napari_sam2.evaluate import evaluate_ctc
 from napari_sam2.io import read_ctc_tracks, write_ctc
-from napari_sam2.lineage import DivisionParams, NewObjectParams, division_params, new_object_params
+from napari_sam2.lineage import (
+    DivisionParams,
+    NewObjectParams,
+    division_params,
+    new_object_params,
+)
 from napari_sam2.synthetic import make_timelapse, write_ctc_ground_truth
-from napari_sam2.tracking import TRACK_COLUMNS, add_parents, ctc_tracks, tracks_graph, tracks_table
+from napari_sam2.tracking import (
+    TRACK_COLUMNS,
+    add_parents,
+    ctc_tracks,
+    tracks_graph,
+    tracks_table,
+)
 
 
 @pytest.fixture(scope="module")
@@ -33,83 +42,22 @@ def ts():
     return ts
 
 
-class LineagePredictor:
-    """Objects follow a ground-truth cell, then the union of its descendants alive on the frame."""
-
-    def __init__(self, gt: np.ndarray, lineage):
-        self.gt = gt
-        self.children: dict[int, list[int]] = {}
-        for lab, _, _, parent in lineage:
-            if parent:
-                self.children.setdefault(parent, []).append(lab)
-        self.log: list[tuple] = []
-        self.model = None
-
-    def init_state(self, video, history=None, **kwargs):
-        state = SimpleNamespace(objs={}, scores={}, intensity_range=(0.0, 1.0))
-        state.object_score_logits = lambda obj: state.scores[obj]
-        return state
-
-    def _cells(self, label: int, t: int) -> list[int]:
-        if (self.gt[t] == label).any() or label not in self.children:
-            return [label]
-        return [c for d in self.children[label] for c in self._cells(d, t)]
-
-    def add_new_points_or_box(self, state, frame_idx, obj_id, points=None, labels=None, box=None):
-        x, y = np.asarray(points)[0]
-        self._attach(state, frame_idx, obj_id, self.gt[frame_idx, int(round(y)), int(round(x))])
-
-    def add_new_mask(self, state, frame_idx, obj_id, mask):
-        values = self.gt[frame_idx][np.asarray(mask, bool)]
-        self._attach(state, frame_idx, obj_id, np.bincount(values).argmax())
-
-    def _attach(self, state, t, obj_id, label):
-        assert label > 0
-        self.log.append(("add", t, obj_id, int(label)))
-        state.objs[obj_id] = int(label)
-        state.scores.setdefault(obj_id, np.full(len(self.gt), np.nan, np.float32))
-
-    def propagate_in_video(self, state, start_frame_idx=None, max_frame_num_to_track=None, reverse=False):
-        self.log.append(("start", start_frame_idx, reverse))
-        n = len(self.gt) if max_frame_num_to_track is None else max_frame_num_to_track
-        order = (range(start_frame_idx, max(start_frame_idx - n, 0) - 1, -1) if reverse
-                 else range(start_frame_idx, min(start_frame_idx + n, len(self.gt) - 1) + 1))
-        for t in order:
-            ids = list(state.objs)
-            inside = np.stack([np.isin(self.gt[t], self._cells(state.objs[o], t)) for o in ids])
-            for o, m in zip(ids, inside):
-                state.scores[o][t] = 8.0 if m.any() else -8.0
-            yield t, ids, torch.from_numpy(np.where(inside[:, None], 8.0, -8.0).astype(np.float32))
-
-    def close(self, state):
-        pass
-
-
 def _gt_masks(gt):
     return lambda image, t: [gt[t] == lab for lab in np.unique(gt[t]) if lab]
 
 
-def _clicks(gt, t):
-    rows = []
-    for label in np.unique(gt[t])[1:]:
-        ys, xs = np.nonzero(gt[t] == label)
-        k = np.argmin((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2)
-        rows.append([t, ys[k], xs[k], label])
-    return np.array(rows, dtype=float)
-
-
 def test_divisions_and_entering_cells_score_tra_1(ts, tmp_path):
-    fake = LineagePredictor(ts.labels, ts.lineage)
+    fake = GroundTruthPredictor(ts.labels, lineage=ts.lineage)
     new = NewObjectParams(every=1, min_area=1, mask_source=_gt_masks(ts.labels))
-    result = segment_stack(ts.image, points=_clicks(ts.labels, 0), predictor=fake, progress=False,
+    result = segment_stack(ts.image, points=ts.clicks(0), predictor=fake, progress=False,
                            detect_new=new, detect_divisions=DivisionParams(min_area=3, persist=2))
     # the parent's masklet fell apart on frame 2: two daughters with new ids start there
     assert len(result.parents) == 2 and set(result.parents.values()) == {3}
     daughters = sorted(result.parents)
-    starts = {obj: t for kind, t, obj, _ in (e for e in fake.log if e[0] == "add") if obj in daughters}
+    starts = {obj: t for kind, t, obj, _ in (e for e in fake.log if e[0] in ("prompt", "mask")) if obj in daughters}
     assert set(starts.values()) == {2}
     # the entering cell was added on its first frame, as a new object
-    entering = [e for e in fake.log if e[0] == "add" and e[3] == 7]
+    entering = [e for e in fake.log if e[0] in ("prompt", "mask") and e[3] == 7]
     assert len(entering) == 1 and entering[0][1] == 4 and entering[0][2] not in (1, 2, 3, 4)
     # tracks carry the lineage; the parent ends on the frame before its daughters
     assert list(result.tracks.columns) == TRACK_COLUMNS + ["parent"]
@@ -128,8 +76,8 @@ def test_divisions_and_entering_cells_score_tra_1(ts, tmp_path):
 
 
 def test_without_detection_lineage_is_lost(ts, tmp_path):
-    fake = LineagePredictor(ts.labels, ts.lineage)
-    result = segment_stack(ts.image, points=_clicks(ts.labels, 0), predictor=fake, progress=False)
+    fake = GroundTruthPredictor(ts.labels, lineage=ts.lineage)
+    result = segment_stack(ts.image, points=ts.clicks(0), predictor=fake, progress=False)
     assert list(result.tracks.columns) == TRACK_COLUMNS and result.parents == {}
     res = result.to_ctc(tmp_path / "res")
     scores = evaluate_ctc(res, write_ctc_ground_truth(ts, tmp_path / "gt"))
@@ -140,7 +88,7 @@ def test_split_needs_to_persist_and_be_comparable():
     blip = np.zeros((4, 20, 20), np.uint16)
     blip[:, 2:8, 2:8] = 1
     blip[1, 12:18, 12:18] = 1  # the masklet falls apart on one frame only
-    result = segment_stack(blip.astype(np.float32), points=[[0, 4, 4, 1]], predictor=LineagePredictor(blip, []),
+    result = segment_stack(blip.astype(np.float32), points=[[0, 4, 4, 1]], predictor=GroundTruthPredictor(blip),
                            progress=False, detect_divisions=True)
     assert result.parents == {} and result.obj_ids == [1]
 
@@ -150,10 +98,10 @@ def test_split_needs_to_persist_and_be_comparable():
     gt[1:, 2:5, 11:14] = 3  # a daughter a quarter of its sister's size
     lineage = [(1, 0, 0, 0), (2, 1, 3, 1), (3, 1, 3, 1)]
     kwargs = dict(points=[[0, 4, 4, 1]], progress=False)
-    result = segment_stack(gt.astype(np.float32), predictor=LineagePredictor(gt, lineage),
+    result = segment_stack(gt.astype(np.float32), predictor=GroundTruthPredictor(gt, lineage=lineage),
                            detect_divisions={"size_ratio": 0.5}, **kwargs)
     assert result.parents == {}
-    result = segment_stack(gt.astype(np.float32), predictor=LineagePredictor(gt, lineage),
+    result = segment_stack(gt.astype(np.float32), predictor=GroundTruthPredictor(gt, lineage=lineage),
                            detect_divisions={"size_ratio": 0.2, "min_area": 5}, **kwargs)
     assert result.parents == {2: 1, 3: 1}
     assert sorted(ctc_tracks(result.tracks)) == lineage
@@ -174,7 +122,7 @@ def test_parameters_parsing():
     gt = np.zeros((3, 16, 16), np.uint16)
     gt[:, 4:8, 4:8] = 1
     with pytest.raises(ValueError, match="forward"):
-        segment_stack(gt, points=[[2, 5, 5, 1]], predictor=LineagePredictor(gt, []), direction="backward",
+        segment_stack(gt, points=[[2, 5, 5, 1]], predictor=GroundTruthPredictor(gt), direction="backward",
                       detect_divisions=True, progress=False)
 
 
@@ -186,16 +134,13 @@ def test_tracks_graph_and_ctc_drop_impossible_parents(ts):
     assert tracks_graph(bad) == {}
 
 
-def test_real_network_with_both_options(ts, tmp_path):
-    torch.manual_seed(0)
-    model = napari_sam2.build_model("sam2.1_hiera_tiny", pretrained=False)
-    path = tmp_path / "random.pt"
-    torch.save({"model": model.state_dict()}, path)
-    predictor = napari_sam2.build_video_predictor("sam2.1_hiera_tiny", checkpoint=path, device="cpu", image_size=128)
+def test_real_network_with_both_options(ts, tmp_path, random_checkpoint):
+    predictor = napari_sam2.build_video_predictor("sam2.1_hiera_tiny", checkpoint=random_checkpoint, device="cpu",
+                                                  image_size=128)
     small = ts.image[:5]
     new = {"every": 2, "min_area": 1, "iou_threshold": 0.5, "max_covered": 1.0, "max_objects": 4,
            "generator": {"points_per_side": 4, "pred_iou_thresh": 0.0, "stability_score_thresh": 0.0}}
-    result = segment_stack(small, points=_clicks(ts.labels, 1)[:2], predictor=predictor, progress=False,
+    result = segment_stack(small, points=ts.clicks(1).head(2), predictor=predictor, progress=False,
                            detect_new=new, detect_divisions=DivisionParams(min_area=1, size_ratio=0.01))
     assert result.labels.shape == small.shape and "parent" in result.tracks.columns
     assert set(np.unique(result.labels).tolist()) <= {0, *result.obj_ids}

@@ -10,21 +10,9 @@ import pytest
 pytest.importorskip("napari")
 pytest.importorskip("pytestqt")
 
-import torch  # noqa: E402
-
 from napari_sam2.synthetic import make_timelapse  # noqa: E402
 
 MANIFEST = Path(__file__).resolve().parents[1] / "src" / "napari_sam2" / "napari.yaml"
-
-
-@pytest.fixture(scope="module")
-def random_checkpoint(tmp_path_factory):
-    from napari_sam2.build import build_model
-
-    torch.manual_seed(0)
-    path = tmp_path_factory.mktemp("ckpt") / "tiny_random.pt"
-    torch.save({"model": build_model("sam2.1_hiera_tiny", pretrained=False).state_dict()}, path)
-    return path
 
 
 @pytest.fixture

@@ -7,7 +7,11 @@ import pytest
 import tifffile
 
 from napari_sam2.io import open_stack, read_ctc_tracks, tracks_from_labels
-from napari_sam2.synthetic import make_timelapse, write_ctc_ground_truth, write_ctc_images
+from napari_sam2.synthetic import (
+    make_timelapse,
+    write_ctc_ground_truth,
+    write_ctc_images,
+)
 
 
 @pytest.fixture(scope="module")
@@ -118,3 +122,23 @@ def test_write_ctc_ground_truth(ts, tmp_path):
 def test_impossible_packing_is_explained():
     with pytest.raises(ValueError, match="cannot fit 200 cells"):
         make_timelapse(n_frames=2, shape=(32, 32), n_cells=200)
+
+
+def test_clicks_land_on_every_cell_near_its_centre(ts):
+    for t in (0, ts.n_frames // 2, ts.n_frames - 1):
+        clicks = ts.clicks(t)
+        assert list(clicks.columns) == ["t", "y", "x", "obj_id"]
+        assert all(dtype.kind == "i" for dtype in clicks.dtypes)
+        present = np.unique(ts.labels[t])[1:].tolist()
+        assert clicks.obj_id.tolist() == present and (clicks.t == t).all()
+        for row in clicks.itertuples():
+            assert ts.labels[t, row.y, row.x] == row.obj_id  # on the cell, whatever covers its true centre
+            ys, xs = np.nonzero(ts.labels[t] == row.obj_id)
+            assert np.hypot(row.y - ys.mean(), row.x - xs.mean()) <= np.hypot(ys - ys.mean(), xs - xs.mean()).min() + 1e-9
+    some, every = ts.clicks(0, labels=[2, 1]), ts.clicks(0).set_index("obj_id")
+    assert some.obj_id.tolist() == [2, 1]
+    assert np.array_equal(some[["y", "x"]].to_numpy(), every.loc[[2, 1], ["y", "x"]].to_numpy())
+    with pytest.raises(ValueError, match=r"label\(s\) \[999\] are not on frame 0"):
+        ts.clicks(0, labels=[999])
+    with pytest.raises(IndexError, match="frame 20 is out of range"):
+        ts.clicks(ts.n_frames)

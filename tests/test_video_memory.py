@@ -15,8 +15,8 @@ import os
 import numpy as np
 import pytest
 import torch
+from models import random_model
 
-import models
 from napari_sam2.predictor import VideoPredictor
 from napari_sam2.predictor.store import ENTRY_KEYS, FrameStore, SpillDir
 from napari_sam2.synthetic import make_timelapse
@@ -25,10 +25,6 @@ NAME = "sam2.1_hiera_tiny"
 SIZE = 128
 T_LONG = 40
 RAM = 16
-
-
-def random_model(size: int = SIZE, seed: int = 0):
-    return models.random_model(size, seed, NAME)
 
 
 def entry(t: int, g: torch.Generator) -> dict:
@@ -166,15 +162,14 @@ def test_ram_frames_is_at_least_what_a_step_reads(model):
 
 @pytest.fixture(scope="module")
 def model():
-    return random_model()
+    return random_model(SIZE, seed=0, name=NAME)
 
 
 @pytest.fixture(scope="module")
 def video():
     """40 frames of 64 x 64 with 2 cells."""
     ts = make_timelapse(n_frames=T_LONG, shape=(64, 64), n_cells=2, divide=False, enter=False, seed=5)
-    rows = ts.positions[ts.positions.frame == 0].sort_values("label")
-    return ts.image, [(int(r.label), float(r.x), float(r.y)) for r in rows.itertuples()]
+    return ts.image, [(int(r.obj_id), float(r.x), float(r.y)) for r in ts.clicks(0).itertuples()]
 
 
 def _session(predictor, video):

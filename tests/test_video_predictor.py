@@ -19,8 +19,8 @@ import numpy as np
 import pytest
 import tifffile
 import torch
+from models import random_model
 
-import models
 from napari_sam2.build import resolve_device
 from napari_sam2.predictor import VideoPredictor, build_video_predictor
 from napari_sam2.predictor.frames import FrameSource
@@ -30,10 +30,6 @@ from napari_sam2.synthetic import make_timelapse
 NAME = "sam2.1_hiera_tiny"
 SIZE = 128  # network input: every module adapts to it, and a step costs a fraction of 1024's
 NO_OBJ = -1024.0
-
-
-def random_model(size: int = SIZE, seed: int = 0):
-    return models.random_model(size, seed, NAME)
 
 
 class CountingArray:
@@ -55,7 +51,7 @@ class CountingArray:
 
 @pytest.fixture(scope="module")
 def model():
-    return random_model()
+    return random_model(SIZE, seed=0, name=NAME)
 
 
 @pytest.fixture(scope="module")
@@ -70,9 +66,8 @@ def cells():
 
 
 def centres(ts, t: int = 0) -> list[tuple[int, float, float]]:
-    """(label, x, y) of every cell on frame t."""
-    rows = ts.positions[ts.positions.frame == t].sort_values("label")
-    return [(int(r.label), float(r.x), float(r.y)) for r in rows.itertuples()]
+    """(label, x, y) of a click on every cell on frame t, in the predictor's x, y order."""
+    return [(int(r.obj_id), float(r.x), float(r.y)) for r in ts.clicks(t).itertuples()]
 
 
 def click(predictor, state, t, obj_id, x, y, **kw):

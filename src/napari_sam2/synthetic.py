@@ -3,7 +3,8 @@
 `make_timelapse` simulates elliptical cells that drift and jitter, some of
 which divide, and optionally one that enters from the border half-way. It
 returns the noisy image, the ground-truth labels (one stable id per track) and
-the lineage in Cell Tracking Challenge convention. `write_ctc_ground_truth`
+the lineage in Cell Tracking Challenge convention; `SyntheticTimelapse.clicks`
+places one click on every cell of a frame. `write_ctc_ground_truth`
 writes the ground truth in the CTC layout (``TRA/``, ``SEG/``).
 
 The image model: a camera offset, cells with a few thousand counts and a
@@ -17,6 +18,7 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Iterable
 
 import numpy as np
 import pandas as pd
@@ -75,6 +77,41 @@ class SyntheticTimelapse:
     def lineage_table(self) -> pd.DataFrame:
         """The lineage as a DataFrame with columns ``label, begin, end, parent``."""
         return pd.DataFrame(self.lineage, columns=["label", "begin", "end", "parent"])
+
+    def clicks(self, frame: int = 0, labels: Iterable[int] | None = None) -> pd.DataFrame:
+        """One click per ground-truth cell on `frame`, as a user would place it in napari.
+
+        Each click is the cell's pixel nearest the centroid of its mask, so it always lies on the
+        cell (a true centre in `positions` may be hidden by a neighbour or lie past the border).
+
+        Parameters
+        ----------
+        frame : int
+            The frame to click on.
+        labels : iterable of int, optional
+            The cells to click, in this order (default: every cell drawn on `frame`, by label).
+
+        Returns
+        -------
+        pandas.DataFrame
+            Columns ``t, y, x, obj_id`` (napari's order, integers; ``obj_id`` is the cell's label),
+            one row per cell: a valid ``points`` table for :func:`napari_sam2.segment_stack`.
+        """
+        if not 0 <= frame < self.n_frames:
+            raise IndexError(f"frame {frame} is out of range: the time-lapse has {self.n_frames} frames")
+        gt = self.labels[frame]
+        present = np.unique(gt)
+        present = present[present != 0]
+        wanted = present.tolist() if labels is None else [int(lab) for lab in labels]
+        missing = sorted(set(wanted) - set(present.tolist()))
+        if missing:
+            raise ValueError(f"label(s) {missing} are not on frame {frame}, which has {present.tolist()}")
+        rows = []
+        for label in wanted:
+            ys, xs = np.nonzero(gt == label)
+            k = int(np.argmin((ys - ys.mean()) ** 2 + (xs - xs.mean()) ** 2))
+            rows.append((frame, int(ys[k]), int(xs[k]), label))
+        return pd.DataFrame(rows, columns=["t", "y", "x", "obj_id"], dtype=np.int64)
 
 
 @dataclass
