@@ -87,13 +87,12 @@ def main(argv=None) -> int:
         torch.set_num_threads(args.threads)
     device = torch.device(args.device)
     try:
-        from reference import build_reference, save_official_checkpoint
         import sam2  # noqa: F401
+        from reference import build_reference, save_official_checkpoint
     except ImportError as exc:
         print(f"the reference implementation sam2==1.1.0 is needed for this benchmark ({exc})", file=sys.stderr)
         return 2
     from napari_sam2.build import build_model
-    from napari_sam2.modeling.sam2 import FrameFeatures
 
     load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     t0 = time.perf_counter()

@@ -25,7 +25,7 @@ def folders(tmp_path_factory):
     root = tmp_path_factory.mktemp("ctc")
     gt = write_ctc_ground_truth(ts, root / "01_GT")
     perfect = write_ctc(root / "perfect", ts.labels, tracks=ts.lineage)
-    no_parents = write_ctc(root / "no_parents", ts.labels, tracks=[(l, b, e, 0) for l, b, e, _ in ts.lineage])
+    no_parents = write_ctc(root / "no_parents", ts.labels, tracks=[(label, b, e, 0) for label, b, e, _ in ts.lineage])
     return ts, gt, perfect, no_parents
 
 

@@ -12,8 +12,7 @@ import pytest
 import tifffile
 import zarr
 
-from napari_sam2.io import Stack, StackReadError, open_stack, select
-from napari_sam2.io import frame_folder, tiff_source
+from napari_sam2.io import Stack, StackReadError, frame_folder, open_stack, select, tiff_source
 
 ZARR3 = int(zarr.__version__.split(".")[0]) >= 3
 rng = np.random.default_rng(42)

@@ -13,9 +13,17 @@ import pytest
 import tifffile
 import zarr
 
-from napari_sam2.io import (OutputWriteError, ZarrLabelsWriter, check_tracks, open_stack,
-                            read_ctc_tracks, tracks_from_labels, write_ctc, write_tiff_labels,
-                            write_tracks_csv)
+from napari_sam2.io import (
+    OutputWriteError,
+    ZarrLabelsWriter,
+    check_tracks,
+    open_stack,
+    read_ctc_tracks,
+    tracks_from_labels,
+    write_ctc,
+    write_tiff_labels,
+    write_tracks_csv,
+)
 from napari_sam2.io.ctc import ctc_digits
 
 ZARR3 = int(zarr.__version__.split(".")[0]) >= 3

@@ -21,11 +21,11 @@ from __future__ import annotations
 import gc
 from contextlib import contextmanager
 
+import parity_report
 import pytest
 import torch
 import torch.nn.functional as F
 
-import parity_report
 from napari_sam2.build import build_model
 from napari_sam2.modeling.sam2 import FrameFeatures
 
@@ -455,7 +455,7 @@ def test_track_sequence_forward(require_reference, pair):
     present = [s > 0 for _, scores in tr.scores for s in scores]
     assert any(present) and not all(present)
     for where, scores in tr.scores:
-        print(f"  {where:<34s} object scores {['%.3f' % s for s in scores]}")
+        print(f"  {where:<34s} object scores {[f'{s:.3f}' for s in scores]}")
 
 
 def test_track_sequence_reverse(require_reference, pair):

@@ -9,9 +9,8 @@ import warnings
 from pathlib import Path
 
 import pytest
-import torch
-
 import reference as R
+import torch
 
 # official key counts (sam2 / sam2.1), see /work/shared/SAM2_FACTS.md
 KEY_COUNTS = {"sam2_hiera_tiny": 468, "sam2.1_hiera_tiny": 471}

@@ -205,7 +205,7 @@ def disk_run(model, video):
     p = VideoPredictor(model, history="disk", ram_frames=RAM)
     state = _session(p, video)
     first = {}
-    for t, ids, masks in p.propagate_in_video(state):
+    for t, _ids, masks in p.propagate_in_video(state):
         _check_bounded(state, t, "disk")
         first[t] = masks.clone()
     again = {t: masks for t, _, masks in p.propagate_in_video(state)}

@@ -11,7 +11,6 @@ from __future__ import annotations
 import hashlib
 
 import numpy as np
-import pytest
 import torch
 
 from napari_sam2 import build_video_predictor

@@ -172,7 +172,7 @@ def test_masks_come_at_video_resolution_one_per_object_in_obj_ids_order(predicto
     # propagation starts on frame 0, where object 9 is tracked towards its prompt that lies ahead
     out = list(predictor.propagate_in_video(state, max_frame_num_to_track=2))
     assert frames_of(out) == [0, 1, 2]
-    for t, ids, masks in out:
+    for _t, ids, masks in out:
         assert ids == [5, 2, 9]
         assert masks.shape == (3, 1, H, W) and masks.dtype == torch.float32
         assert torch.isfinite(masks).all()

@@ -13,16 +13,17 @@ from __future__ import annotations
 import os
 import time
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import pandas as pd
 
 from .io import Stack, ZarrLabelsWriter, open_stack, video_view
-from .modeling.configs import DEFAULT_MODEL
 from .labels import LABEL_DTYPE, logits_to_labels, open_label_sink
+from .modeling.configs import DEFAULT_MODEL
 from .predictor.generator_parameters import generator_parameters
 from .prompts import Prompts, build_prompts
 from .propagation import DIRECTIONS, VideoPredictorLike, needs_history, plan_passes, run_passes

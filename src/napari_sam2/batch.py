@@ -22,19 +22,20 @@ import time
 import traceback
 import uuid
 import warnings
+from collections.abc import Callable, Iterable
 from contextlib import ExitStack, contextmanager
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 
 from .io.atomic import remove_stale_partials, write_error
+from .io.lock import LOCK_NAME, OutputLock
+from .io.result_files import PendingResult, check_complete, fingerprint, manifest_path
 from .label_formats import LABEL_FORMATS
 from .modeling.configs import DEFAULT_MODEL
 from .propagation import VideoPredictorLike
-from .io.lock import LOCK_NAME, OutputLock
-from .io.result_files import PendingResult, check_complete, fingerprint, manifest_path
 
 __all__ = [
     "FORMATS", "Job", "expand_inputs", "output_names", "output_paths", "make_jobs",

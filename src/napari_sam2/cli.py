@@ -217,8 +217,7 @@ def _check_planes(args: argparse.Namespace) -> str | None:
 
 
 def _segment(args: argparse.Namespace) -> int:
-    from .batch import (append_summary, check_job_outputs, format_summary, hold_output_folders, make_jobs,
-                        run_batch)
+    from .batch import append_summary, check_job_outputs, format_summary, hold_output_folders, make_jobs, run_batch
     from .io.lock import OutputLockedError
     from .modeling.configs import CONFIGS
 

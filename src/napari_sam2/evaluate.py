@@ -138,7 +138,7 @@ def evaluate_ctc(result_dir: str | os.PathLike, gt_dir: str | os.PathLike) -> di
     loaded = {}
     for key, folder, track in (("gt", gt_dir / "TRA", man_track), ("res", result_dir, res_track)):
         try:
-            loaded[key] = _quiet(lambda: load_ctc_data(str(folder), track_path=str(track), name=key))
+            loaded[key] = _quiet(lambda f=folder, tr=track, k=key: load_ctc_data(str(f), track_path=str(tr), name=k))
         except (ValueError, KeyError, AssertionError) as exc:
             raise CTCLayoutError(f"'{track}' does not match the masks of '{folder}': {exc}") from exc
     logging.getLogger("traccuracy").setLevel(logging.WARNING)

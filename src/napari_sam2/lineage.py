@@ -22,8 +22,9 @@ drawn, so its last frame is the one before its daughters' first: the CTC lineage
 
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, fields
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import numpy as np
 from scipy import ndimage
@@ -191,8 +192,8 @@ class LineageTracker:
         if self.new.mask_source is not None:
             return [np.asarray(m, bool) for m in self.new.mask_source(image, t)]
         if self._source is None:
-            from .predictor.generator_parameters import generator_parameters
             from .predictor.amg import AutomaticMaskGenerator
+            from .predictor.generator_parameters import generator_parameters
 
             params, _ = generator_parameters(self.new.generator)
             if not self.rgb and params.get("intensity_range") is None:

@@ -20,7 +20,7 @@ Columns of a tracks table
 
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import numpy as np
 import pandas as pd

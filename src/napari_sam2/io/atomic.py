@@ -15,9 +15,9 @@ import os
 import re
 import shutil
 import uuid
+from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
 
 from .owner import TAG_PATTERN, owner_tag, remove_stale
 

@@ -15,8 +15,8 @@ its daughters begin.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterable, Sequence
 from pathlib import Path
-from typing import Iterable, Sequence
 
 import numpy as np
 import tifffile
@@ -126,7 +126,7 @@ def check_tracks(tracks: Iterable[Sequence[int]], spans: _SpanCounter | None = N
             problems.append(f"label {label}: begin {begin} / end {end} must satisfy 0 <= begin <= end")
         if n_frames is not None and end >= n_frames:
             problems.append(f"label {label}: end {end} is past the last frame {n_frames - 1}")
-    for label, begin, end, parent in rows:
+    for label, begin, _end, parent in rows:
         if parent == 0:
             continue
         if parent not in by_label:
@@ -155,7 +155,7 @@ def check_tracks(tracks: Iterable[Sequence[int]], spans: _SpanCounter | None = N
 
 def format_tracks(tracks: Iterable[Sequence[int]]) -> str:
     """``res_track.txt`` text: one ``L B E P`` line per track."""
-    return "".join(f"{l} {b} {e} {p}\n" for l, b, e, p in _normalise_tracks(tracks))
+    return "".join(f"{label} {b} {e} {p}\n" for label, b, e, p in _normalise_tracks(tracks))
 
 
 def read_ctc_tracks(path: str | os.PathLike) -> list[Track]:

@@ -175,6 +175,105 @@ def _open(source: Any, axes: str | None) -> Stack:
     )
 
 
+class _View:
+    """A stack being reduced axis by axis (data and axes change together)."""
+
+    def __init__(self, stack: Stack):
+        self.stack, self.data, self.axes, self.sizes = stack, stack.data, stack.axes, stack.sizes
+
+    def take(self, axis: str, index, what: str, noun: str) -> None:
+        n = self.sizes[axis]
+        if not isinstance(index, (int, np.integer)) or isinstance(index, bool):
+            raise TypeError(f"{what} must be an integer index, got {index!r}")
+        if not 0 <= index < n:
+            raise ValueError(f"{what}={index} is out of range: the stack has {n} "
+                             f"{noun}{'s' if n != 1 else ''} (axes {self.stack.axes}, shape "
+                             f"{self.stack.shape}; valid: {what}=0..{n - 1})")
+        pos = self.axes.index(axis)
+        self.data = self.data[(slice(None),) * pos + (int(index),)]
+        self.axes = self.axes.replace(axis, "")
+
+
+def _pick_channel(view: _View, channel: int | None) -> None:
+    stack = view.stack
+    if "C" in view.axes:
+        n_channels = view.sizes["C"]
+        if channel is None:
+            if n_channels != 1:
+                raise ValueError(f"the stack has {n_channels} channels (axes {stack.axes}, "
+                                 f"shape {stack.shape}); choose one with channel=0..{n_channels - 1} "
+                                 "(CLI: --channel N)")
+            channel = 0
+        if not isinstance(channel, (int, np.integer)) or isinstance(channel, bool):
+            raise TypeError(f"channel must be an integer index, got {channel!r}")
+        if not 0 <= channel < n_channels:
+            raise ValueError(f"channel={channel} is out of range: the stack has {n_channels} "
+                             f"channel{'s' if n_channels != 1 else ''} (valid: 0..{n_channels - 1})")
+        view.take("C", channel, "channel", "channel")
+    elif channel not in (None, 0):
+        raise ValueError(f"channel={channel} is out of range: the stack has a single channel "
+                         f"(axes {stack.axes}); leave channel=None")
+
+
+def _video_along_t(view: _View, z, z_project, t, metadata: dict) -> None:
+    stack = view.stack
+    if t is not None:
+        raise ValueError("t= selects the time point of a volume for along='Z'; "
+                         "for a video along time leave it out")
+    if z is not None and z_project is not None:
+        raise ValueError("give either z= (one plane) or z_project= (a projection), not both")
+    if "Z" in view.axes:
+        if z is not None:
+            view.take("Z", z, "z", "Z plane")
+        elif z_project is not None:
+            if z_project not in _Z_PROJECTIONS:
+                raise ValueError(f"z_project must be one of {_Z_PROJECTIONS}, got {z_project!r}")
+            view.data = getattr(view.data, z_project)(axis=view.axes.index("Z"))
+            if z_project == "mean" and np.issubdtype(stack.dtype, np.integer):
+                view.data = view.data.astype(np.float32)
+            view.axes = view.axes.replace("Z", "")
+            metadata["z_project"] = z_project
+        elif view.sizes["Z"] == 1:
+            view.take("Z", 0, "z", "Z plane")
+        else:
+            n_z = view.sizes["Z"]
+            raise ValueError(f"the stack has {n_z} Z planes (axes {stack.axes}, shape "
+                             f"{stack.shape}): pick one with z=0..{n_z - 1} (CLI: --z N), "
+                             "project with z_project='max' (CLI: --z-project max), or "
+                             "propagate through the volume with along='Z' (CLI: --along Z)")
+    elif z not in (None, 0) or z_project is not None:
+        raise ValueError(f"the stack has no Z axis (axes {stack.axes}); leave z and z_project out")
+    if "T" not in view.axes:
+        view.data = view.data[None]
+        view.axes = "T" + view.axes
+    metadata["video_axis"] = "T"
+
+
+def _video_along_z(view: _View, z, z_project, t, metadata: dict) -> None:
+    """One volume's planes are the frames."""
+    stack = view.stack
+    if z is not None or z_project is not None:
+        raise ValueError("z= and z_project= do not apply with along='Z' (the Z planes are the frames)")
+    if "Z" not in view.axes:
+        raise ValueError(f"along='Z' needs a Z axis, but the stack has axes {stack.axes}")
+    if "T" in view.axes:
+        if t is None:
+            if view.sizes["T"] != 1:
+                raise ValueError(f"the stack has {view.sizes['T']} time points; choose the volume "
+                                 f"to propagate through with t=0..{view.sizes['T'] - 1} (CLI: --t T)")
+            t = 0
+        view.take("T", t, "t", "time point")
+    elif t not in (None, 0):
+        raise ValueError(f"t={t} is out of range: the stack has no T axis (axes {stack.axes})")
+    view.axes = view.axes.replace("Z", "T")
+    metadata["video_axis"] = "Z"
+    if t is not None:
+        metadata["time_point"] = int(t)
+    sizes_um = metadata.get("physical_pixel_sizes")
+    if isinstance(sizes_um, dict) and "Z" in sizes_um:
+        metadata["frame_spacing"] = sizes_um["Z"]
+
+
 def video_view(stack: Stack, channel: int | None = None, **planes) -> Stack:
     """The video to segment, decided once for every door: ``TYXC`` (frames ``(Y, X, 3)``) for an RGB
     stack (3 channels, no channel picked, no other axis), else the single-channel ``TYX`` video of
@@ -228,102 +327,19 @@ def select(stack: Stack, channel: int | None = None, z: int | None = None,
     """
     if not isinstance(stack, Stack):
         stack = open_stack(stack)
-    data, axes = stack.data, stack.axes
-    sizes = stack.sizes
-
     if along is None:
-        along = "T" if "T" in axes or "Z" not in axes else "Z"
+        along = "T" if "T" in stack.axes or "Z" not in stack.axes else "Z"
     along = along.upper()
     if along not in ("T", "Z"):
         raise ValueError(f"along must be 'T' (time) or 'Z' (through a volume), got {along!r}")
-
-    def take(axis: str, index: int, what: str, noun: str) -> None:
-        nonlocal data, axes
-        n = sizes[axis]
-        if not isinstance(index, (int, np.integer)) or isinstance(index, bool):
-            raise TypeError(f"{what} must be an integer index, got {index!r}")
-        if not 0 <= index < n:
-            raise ValueError(f"{what}={index} is out of range: the stack has {n} "
-                             f"{noun}{'s' if n != 1 else ''} (axes {stack.axes}, shape "
-                             f"{stack.shape}; valid: {what}=0..{n - 1})")
-        pos = axes.index(axis)
-        data = data[(slice(None),) * pos + (int(index),)]
-        axes = axes.replace(axis, "")
-
-    # channel
-    if "C" in axes:
-        n_channels = sizes["C"]
-        if channel is None:
-            if n_channels != 1:
-                raise ValueError(f"the stack has {n_channels} channels (axes {stack.axes}, "
-                                 f"shape {stack.shape}); choose one with channel=0..{n_channels - 1} "
-                                 "(CLI: --channel N)")
-            channel = 0
-        if not isinstance(channel, (int, np.integer)) or isinstance(channel, bool):
-            raise TypeError(f"channel must be an integer index, got {channel!r}")
-        if not 0 <= channel < n_channels:
-            raise ValueError(f"channel={channel} is out of range: the stack has {n_channels} "
-                             f"channel{'s' if n_channels != 1 else ''} (valid: 0..{n_channels - 1})")
-        take("C", channel, "channel", "channel")
-    elif channel not in (None, 0):
-        raise ValueError(f"channel={channel} is out of range: the stack has a single channel "
-                         f"(axes {stack.axes}); leave channel=None")
-
+    view = _View(stack)
+    _pick_channel(view, channel)
     metadata = dict(stack.metadata)
     if along == "T":
-        if t is not None:
-            raise ValueError("t= selects the time point of a volume for along='Z'; "
-                             "for a video along time leave it out")
-        if z is not None and z_project is not None:
-            raise ValueError("give either z= (one plane) or z_project= (a projection), not both")
-        if "Z" in axes:
-            if z is not None:
-                take("Z", z, "z", "Z plane")
-            elif z_project is not None:
-                if z_project not in _Z_PROJECTIONS:
-                    raise ValueError(f"z_project must be one of {_Z_PROJECTIONS}, got {z_project!r}")
-                pos = axes.index("Z")
-                data = getattr(data, z_project)(axis=pos)
-                if z_project == "mean" and np.issubdtype(stack.dtype, np.integer):
-                    data = data.astype(np.float32)
-                axes = axes.replace("Z", "")
-                metadata["z_project"] = z_project
-            elif sizes["Z"] == 1:
-                take("Z", 0, "z", "Z plane")
-            else:
-                n_z = sizes["Z"]
-                raise ValueError(f"the stack has {n_z} Z planes (axes {stack.axes}, shape "
-                                 f"{stack.shape}): pick one with z=0..{n_z - 1} (CLI: --z N), "
-                                 "project with z_project='max' (CLI: --z-project max), or "
-                                 "propagate through the volume with along='Z' (CLI: --along Z)")
-        elif z not in (None, 0) or z_project is not None:
-            raise ValueError(f"the stack has no Z axis (axes {stack.axes}); leave z and z_project out")
-        if "T" not in axes:
-            data = data[None]
-            axes = "T" + axes
-        metadata["video_axis"] = "T"
-    else:  # along Z: one volume's planes are the frames
-        if z is not None or z_project is not None:
-            raise ValueError("z= and z_project= do not apply with along='Z' (the Z planes are the frames)")
-        if "Z" not in axes:
-            raise ValueError(f"along='Z' needs a Z axis, but the stack has axes {stack.axes}")
-        if "T" in axes:
-            if t is None:
-                if sizes["T"] != 1:
-                    raise ValueError(f"the stack has {sizes['T']} time points; choose the volume "
-                                     f"to propagate through with t=0..{sizes['T'] - 1}")
-                t = 0
-            take("T", t, "t", "time point")
-        elif t not in (None, 0):
-            raise ValueError(f"t={t} is out of range: the stack has no T axis (axes {stack.axes})")
-        axes = axes.replace("Z", "T")
-        metadata["video_axis"] = "Z"
-        if t is not None:
-            metadata["time_point"] = int(t)
-        sizes_um = metadata.get("physical_pixel_sizes")
-        if isinstance(sizes_um, dict) and "Z" in sizes_um:
-            metadata["frame_spacing"] = sizes_um["Z"]
-
+        _video_along_t(view, z, z_project, t, metadata)
+    else:
+        _video_along_z(view, z, z_project, t, metadata)
+    data, axes = view.data, view.axes
     if axes != "TYX":  # pragma: no cover - guarded by the branches above
         raise ValueError(f"could not reduce axes {stack.axes!r} to 'TYX' (left with {axes!r})")
     return Stack(data=data, axes="TYX", path=stack.path, metadata=metadata)

@@ -11,15 +11,22 @@ from __future__ import annotations
 
 import os
 import warnings
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import tifffile
 import zarr
 
-from .atomic import (OutputWriteError, atomic_path, prepare_destination, publish,
-                     remove_partial, temporary_sibling, write_error)
+from .atomic import (
+    OutputWriteError,
+    atomic_path,
+    prepare_destination,
+    publish,
+    remove_partial,
+    temporary_sibling,
+    write_error,
+)
 from .ctc import check_tracks, read_ctc_tracks, tracks_from_labels, write_ctc
 from .label_frames import iter_frames, labels_for_dtype, peek
 
@@ -217,7 +224,7 @@ class ZarrLabelsWriter:
         self._closed = True
         remove_partial(self._tmp)
 
-    def __enter__(self) -> "ZarrLabelsWriter":
+    def __enter__(self) -> ZarrLabelsWriter:
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

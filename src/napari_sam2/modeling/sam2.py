@@ -14,8 +14,8 @@ recent frames) as long as it can answer for the frames a step looks at (:meth:`S
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 from torch import nn
@@ -44,14 +44,14 @@ class FrameFeatures:
     def batch_size(self) -> int:
         return self.embed.shape[0]
 
-    def expand(self, b: int) -> "FrameFeatures":
+    def expand(self, b: int) -> FrameFeatures:
         """The same features repeated for ``b`` objects (views, no copy)."""
         if b == self.batch_size:
             return self
         ex = lambda t: t.expand(b, *t.shape[1:])  # noqa: E731
         return FrameFeatures(ex(self.embed), ex(self.pos), (ex(self.high_res[0]), ex(self.high_res[1])))
 
-    def to(self, device) -> "FrameFeatures":
+    def to(self, device) -> FrameFeatures:
         return FrameFeatures(self.embed.to(device), self.pos.to(device), tuple(h.to(device) for h in self.high_res))
 
 

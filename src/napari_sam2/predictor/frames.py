@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -11,7 +12,6 @@ import torch
 from ..io import normalize_frame, open_stack, percentile_range, video_view
 from ..io.stack import Stack
 from .preprocess import reference_model_input, to_model_input
-
 
 
 class FrameSource:

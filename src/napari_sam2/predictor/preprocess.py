@@ -42,7 +42,7 @@ def check_image(image) -> np.ndarray:
     non-numeric data.
     """
     arr = np.asarray(image)
-    if arr.dtype == object or not (arr.dtype.kind in "biuf"):
+    if arr.dtype == object or arr.dtype.kind not in "biuf":
         raise TypeError(f"image must be a numeric array (uint8, uint16, float, ...), got dtype {arr.dtype}")
     if arr.ndim == 3 and arr.shape[-1] in (1, 3, 4):
         if arr.shape[-1] == 1:

@@ -12,8 +12,9 @@ layout are run as one batch.
 from __future__ import annotations
 
 import os
+from collections.abc import Iterator
 from contextlib import nullcontext
-from typing import Any, Iterator
+from typing import Any
 
 import numpy as np
 import torch

@@ -28,7 +28,8 @@ Column names are case-insensitive; ``frame`` or napari's ``axis-0, axis-1, axis-
 
 from __future__ import annotations
 
-from typing import Any, Iterable, Mapping
+from collections.abc import Iterable, Mapping
+from typing import Any
 
 import numpy as np
 import pandas as pd
