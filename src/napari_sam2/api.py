@@ -258,16 +258,75 @@ def segment_stack(
         Axes that do not fit the data, a channel out of range, a bad direction.
     """
     start = time.perf_counter()
-    if direction not in DIRECTIONS:
-        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
-    video, (n_frames, height, width) = open_video(stack, axes=axes, channel=channel, z=z, z_project=z_project,
-                                                  along=along, t=t)
-    rgb = video.axes == "TYXC"
-    prompts: Prompts = build_prompts(points, boxes, masks, obj_ids=obj_ids, positive=positive,
-                                     box_ids=box_ids, mask_frame=mask_frame)
-    prompts.check(n_frames, height, width)
+    plan = _plan(stack, dict(points=points, boxes=boxes, masks=masks, obj_ids=obj_ids, positive=positive,
+                             box_ids=box_ids, mask_frame=mask_frame),
+                 axes=axes, channel=channel, planes=dict(z=z, z_project=z_project, along=along, t=t),
+                 direction=direction, auto=auto, detect_new=detect_new, detect_divisions=detect_divisions)
+    if predictor is None:
+        from .predictor.video import build_video_predictor
+
+        predictor = build_video_predictor(model, checkpoint=checkpoint, device=device, image_size=image_size)
+    sink, path = open_label_sink(out, plan.shape, overwrite)
+    table = TrackTable()
+    try:
+        ids, scores, parents = _run(plan, predictor, sink, table, auto, progress, callback)
+        if isinstance(sink, ZarrLabelsWriter):
+            # frames no pass reached are background: write them so the store is complete
+            empty = np.zeros(plan.shape[1:], dtype=LABEL_DTYPE)
+            for frame_idx in sink.missing_frames:
+                sink.write(frame_idx, empty)
+    except BaseException:
+        sink.abort()
+        raise
+    sink.close()
+    if path is not None:
+        import zarr
+
+        labels = zarr.open_group(str(path), mode="r")["0"]
+    else:
+        labels = sink.array
+    n_frames = plan.shape[0]
+    scores = {obj: scores.get(obj, np.full(n_frames, np.nan, np.float32)) for obj in ids}
+    tracks = table.to_dataframe(scores)
+    if plan.lineage:
+        tracks = add_parents(tracks, parents)
+    return SegmentationResult(labels=labels, scores=scores, tracks=tracks, obj_ids=list(ids),
+                              path=path, seconds=time.perf_counter() - start, parents=parents)
+
+
+@dataclass
+class _Plan:
+    """What segment_stack will do, decided (and checked) before any model is built."""
+
+    video: Stack
+    shape: tuple[int, int, int]  # T, Y, X
+    prompts: Prompts
+    first: int  # the frame seeded automatically when there is no prompt
+    passes: list
+    new_params: Any = None
+    div_params: Any = None
+
+    @property
+    def lineage(self) -> bool:
+        return self.new_params is not None or self.div_params is not None
+
+    @property
+    def rgb(self) -> bool:
+        return self.video.axes == "TYXC"
+
+
+def _plan(stack, prompt_args: dict, *, axes, channel, planes, direction, auto, detect_new,
+          detect_divisions) -> _Plan:
+    """Validate, open the stack, read the prompts and check them against it, and plan the passes."""
     from .lineage import division_params, new_object_params
 
+    if direction not in DIRECTIONS:
+        raise ValueError(f"direction must be one of {DIRECTIONS}, got {direction!r}")
+    video, (n_frames, height, width) = open_video(stack, axes=axes, channel=channel, **planes)
+    mask_frame = prompt_args["mask_frame"]
+    prompts = build_prompts(prompt_args.pop("points"), prompt_args.pop("boxes"), prompt_args.pop("masks"),
+                            **prompt_args)
+    prompts.check(n_frames, height, width)
     new_params = new_object_params(detect_new)
     div_params = division_params(detect_divisions)
     lineage = new_params is not None or div_params is not None
@@ -285,81 +344,57 @@ def segment_stack(
         if auto:
             raise ValueError("auto= seeds objects when no prompt is given; prompts were given too: drop one")
         first, last = prompts.frames[0], prompts.frames[-1]
-
     passes = plan_passes(direction, [first, last], 0, n_frames - 1, backward_first=lineage)
-    total = sum(p.frames for p in passes)
+    return _Plan(video, (n_frames, height, width), prompts, first, passes, new_params, div_params)
 
-    if predictor is None:
-        from .predictor.video import build_video_predictor
 
-        predictor = build_video_predictor(model, checkpoint=checkpoint, device=device, image_size=image_size)
-    run = predictor
-
-    sink, path = open_label_sink(out, (n_frames, height, width), overwrite)
-    table = TrackTable()
+def _run(plan: _Plan, run: VideoPredictorLike, sink, table: TrackTable, auto, progress, callback):
+    """Prompt (or seed) the objects and run the passes, each label frame to ``sink`` and ``table``;
+    returns ``(object ids, object-present scores per object, parents)``."""
+    n_frames, height, width = plan.shape
     ids: list[int] = []
     scores: dict[int, np.ndarray] = {}
     parents: dict[int, int] = {}
-    name = Path(str(getattr(video, "path", "") or "")).name or "segment"
+    name = Path(str(getattr(plan.video, "path", "") or "")).name or "segment"
+    # no spill to disk when no pass re-reads another pass's frames
+    state = run.init_state(plan.video, history=None if needs_history(plan.passes, n_frames - 1) else "ram")
     try:
-        # no spill to disk when no pass re-reads another pass's frames
-        state = run.init_state(video, history=None if needs_history(passes, n_frames - 1) else "ram")
-        try:
-            if prompts:
-                prompts.apply(run, state, width=width, height=height)
-                ids = prompts.obj_ids
-            else:
-                ids = _seed_automatically(run, state, video, first, auto, rgb)
-                if not ids:
-                    warnings.warn(f"the automatic mask generator found no object on frame {first}: the labels are "
-                                  "empty. Lower auto['pred_iou_thresh'] / auto['stability_score_thresh'] or give prompts.",
-                                  RuntimeWarning, stacklevel=2)
-            tracker = None
-            with _progress_bar(progress, total if ids else 0, name) as bar:
+        if plan.prompts:
+            plan.prompts.apply(run, state, width=width, height=height)
+            ids = plan.prompts.obj_ids
+        else:
+            ids = _seed_automatically(run, state, plan.video, plan.first, auto, plan.rgb)
+            if not ids:
+                warnings.warn(f"the automatic mask generator found no object on frame {plan.first}: the labels are "
+                              "empty. Lower auto['pred_iou_thresh'] / auto['stability_score_thresh'] or give prompts.",
+                              RuntimeWarning, stacklevel=3)
+        tracker = None
+        total = sum(p.frames for p in plan.passes) if ids else 0
+        with _progress_bar(progress, total, name) as bar:
 
-                def emit(t, frame):
-                    sink.write(t, frame)
-                    table.update(t, frame)
-                    if callback is not None:
-                        callback(t, frame)
-                    bar.update(1)
+            def emit(frame_idx, frame):
+                sink.write(frame_idx, frame)
+                table.update(frame_idx, frame)
+                if callback is not None:
+                    callback(frame_idx, frame)
+                bar.update(1)
 
-                if ids:
-                    for p in passes:
-                        if lineage and not p.reverse:  # lineage consumes the forward pass
-                            from .lineage import LineageTracker
+            for p in plan.passes if ids else ():
+                if plan.lineage and not p.reverse:  # lineage consumes the forward pass
+                    from .lineage import LineageTracker
 
-                            tracker = LineageTracker(run, state, video, ids, new_params, div_params, rgb=rgb)
-                            tracker.propagate(p.start, emit)
-                            continue
-                        for frame_idx, frame_ids, logits in run_passes(run, state, [p]):
-                            emit(frame_idx, logits_to_labels(logits, frame_ids))
-            if tracker is not None:
-                ids, parents = list(tracker.ids), dict(tracker.parents)
-                scores.update(tracker.scores(n_frames))
-            else:
-                for obj in ids:
-                    scores[obj] = np.array(state.object_score_logits(obj), dtype=np.float32, copy=True)
-        finally:
-            run.close(state)
-        if isinstance(sink, ZarrLabelsWriter):
-            # frames no pass reached are background: write them so the store is complete
-            empty = np.zeros((height, width), dtype=LABEL_DTYPE)
-            for t in sink.missing_frames:
-                sink.write(t, empty)
-    except BaseException:
-        sink.abort()
-        raise
-    sink.close()
-    if path is not None:
-        import zarr
-
-        labels = zarr.open_group(str(path), mode="r")["0"]
-    else:
-        labels = sink.array
-    scores = {obj: scores.get(obj, np.full(n_frames, np.nan, np.float32)) for obj in ids}
-    tracks = table.to_dataframe(scores)
-    if lineage:
-        tracks = add_parents(tracks, parents)
-    return SegmentationResult(labels=labels, scores=scores, tracks=tracks, obj_ids=list(ids),
-                              path=path, seconds=time.perf_counter() - start, parents=parents)
+                    tracker = LineageTracker(run, state, plan.video, ids, plan.new_params, plan.div_params,
+                                             rgb=plan.rgb)
+                    tracker.propagate(p.start, emit)
+                    continue
+                for frame_idx, frame_ids, logits in run_passes(run, state, [p]):
+                    emit(frame_idx, logits_to_labels(logits, frame_ids))
+        if tracker is not None:
+            ids, parents = list(tracker.ids), dict(tracker.parents)
+            scores.update(tracker.scores(n_frames))
+        else:
+            for obj in ids:
+                scores[obj] = np.array(state.object_score_logits(obj), dtype=np.float32, copy=True)
+    finally:
+        run.close(state)
+    return ids, scores, parents
