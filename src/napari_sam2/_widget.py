@@ -520,7 +520,7 @@ class SAM2Widget(QWidget):
                         self._erase_label(session, obj, t)
                 except Exception as exc:
                     _notify_error(f"could not remove the prompts of object {obj} on frame {t}: {exc}")
-        from .prompts import Prompt, clip_points
+        from .prompts import Prompt, clip_box, clip_points
 
         for t, obj in sorted(changed):
             entry = prompts[(t, obj)]
@@ -533,8 +533,7 @@ class SAM2Widget(QWidget):
                 labels = p.positive.astype(np.int32)
             box = p.xyxy_box()
             if box is not None:
-                box = [float(np.clip(box[0], 0, session.width)), float(np.clip(box[1], 0, session.height)),
-                       float(np.clip(box[2], 0, session.width)), float(np.clip(box[3], 0, session.height))]
+                box = clip_box(box, session.height, session.width)
             try:
                 frames[t] = predictor.add_new_points_or_box(state, frame_idx=t, obj_id=obj, points=pts_xy, labels=labels, box=box)
             except Exception as exc:

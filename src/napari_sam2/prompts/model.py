@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-__all__ = ["PromptError", "Prompt", "Prompts", "clip_points"]
+__all__ = ["PromptError", "Prompt", "Prompts", "clip_box", "clip_points"]
 
 
 class PromptError(ValueError):
@@ -71,6 +71,12 @@ class Prompt:
             return None
         y0, x0, y1, x1 = self.box
         return [x0, y0, x1, y1]
+
+
+def clip_box(box, height: int, width: int) -> list[float]:
+    """An ``(x0, y0, x1, y1)`` box with its corners clipped to the frame (``0..width``, ``0..height``)."""
+    x0, y0, x1, y1 = (float(v) for v in box)
+    return [min(max(x0, 0.0), width), min(max(y0, 0.0), height), min(max(x1, 0.0), width), min(max(y1, 0.0), height)]
 
 
 def clip_points(points: np.ndarray, height: int, width: int) -> np.ndarray:
@@ -188,7 +194,6 @@ class Prompts:
                 labels = p.positive.astype(np.int32)
             box = p.xyxy_box()
             if box is not None:
-                box = [min(max(box[0], 0.0), width), min(max(box[1], 0.0), height),
-                       min(max(box[2], 0.0), width), min(max(box[3], 0.0), height)]
+                box = clip_box(box, height, width)
             predictor.add_new_points_or_box(state, frame_idx=p.t, obj_id=p.obj_id, points=pts, labels=labels, box=box)
 
