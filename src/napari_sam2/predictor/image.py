@@ -61,6 +61,8 @@ class ImagePredictor:
         max_sprinkle_area: float = 0.0,
         **kwargs,
     ) -> None:
+        if kwargs:
+            raise TypeError(f"ImagePredictor got unknown parameter(s): {', '.join(sorted(kwargs))}")
         self.model = model
         self.mask_threshold = float(mask_threshold)
         self.max_hole_area = float(max_hole_area)
@@ -132,6 +134,56 @@ class ImagePredictor:
         units = [to_unit_rgb(img, intensity_range=intensity_range) for img in image_list]
         self._set_unit_images(units)
         self._is_batch = True
+
+    @torch.no_grad()
+    def set_unit_image(self, unit: np.ndarray) -> None:
+        """Compute the embedding of one image that is already normalised (no intensity scaling).
+
+        Used by the automatic mask generator, which normalises the whole image once and then
+        embeds crops of it.
+
+        Parameters
+        ----------
+        unit
+            ``H x W x 3`` float32 image in [0, 1], as returned by
+            :func:`~napari_sam2.predictor.preprocess.to_unit_rgb`.
+        """
+        self._set_unit_images([unit])
+
+    def get_image_features(self) -> dict:
+        """The features of the current image(s), to be given back later to :meth:`set_image_features`.
+
+        Returns
+        -------
+        dict
+            ``{"image_embed": B x 256 x 64 x 64, "high_res_feats": [B x 32 x 256 x 256, B x 64 x 128 x 128]}``
+            (the decoder's inputs, sizes for a 1024 input; B = 1 after :meth:`set_image`). Not copied.
+        """
+        self._require_image("get_image_features")
+        return self._features
+
+    def set_image_features(self, features: dict, orig_hw: Sequence[tuple[int, int]]) -> None:
+        """Use features computed before (e.g. cached) instead of running the image encoder.
+
+        Parameters
+        ----------
+        features
+            As returned by :meth:`get_image_features`.
+        orig_hw
+            ``(height, width)`` of each image the features are of (as :attr:`orig_hw`); more than
+            one: as after :meth:`set_image_batch`.
+        """
+        if not isinstance(features, dict) or not {"image_embed", "high_res_feats"} <= set(features):
+            raise ValueError("features must be a dict with 'image_embed' and 'high_res_feats', from get_image_features()")
+        hws = [tuple(int(s) for s in hw) for hw in orig_hw]
+        n = features["image_embed"].shape[0]
+        if len(hws) != n:
+            raise ValueError(f"orig_hw has {len(hws)} sizes but the features are of {n} images")
+        self.reset_predictor()
+        self._features = features
+        self._orig_hw = hws
+        self._is_image_set = True
+        self._is_batch = n > 1
 
     def _set_unit_images(self, units: Sequence[np.ndarray]) -> None:
         """Embed float32 ``H x W x 3`` images already in [0, 1] (see :func:`to_unit_rgb`)."""
@@ -238,9 +290,8 @@ class ImagePredictor:
                 raise ValueError(f"{name} has {len(value)} entries but {n} images are set")
         out_masks, out_ious, out_low = [], [], []
         for i in range(n):
-            pick = lambda v: None if v is None else v[i]  # noqa: E731
             coords, labels, boxes, mask = self._prep_prompts(
-                pick(point_coords_batch), pick(point_labels_batch), pick(box_batch), pick(mask_input_batch),
+                *(None if v is None else v[i] for v in (point_coords_batch, point_labels_batch, box_batch, mask_input_batch)),
                 normalize_coords, img_idx=i,
             )
             masks, ious, low = self._predict(coords, labels, boxes, mask, multimask_output, return_logits, img_idx=i)
@@ -358,6 +409,47 @@ class ImagePredictor:
         return to_model_coords(coords, orig_hw if normalize else (1.0, 1.0), self.image_size)
 
     # ------------------------------------------------------------------ the network
+    def decode(
+        self,
+        point_coords: torch.Tensor | None,
+        point_labels: torch.Tensor | None,
+        boxes: torch.Tensor | None = None,
+        mask_input: torch.Tensor | None = None,
+        multimask_output: bool = True,
+        img_idx: int = 0,
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Prompt encoder and mask decoder on prompts already in network coordinates, no checks
+        and no post-processing (the automatic mask generator's inner loop).
+
+        Parameters
+        ----------
+        point_coords
+            ``B x N x 2`` float clicks ``(x, y)`` in pixels of the S x S network input (S =
+            :attr:`image_size`; see :func:`~napari_sam2.predictor.preprocess.to_model_coords`), or None.
+        point_labels
+            ``B x N`` int labels (1 foreground, 0 background, -1 padding), or None.
+        boxes
+            ``B x 2 x 2`` (or ``B x 4``) box corners in network pixels, or None.
+        mask_input
+            ``B x 1 x 256 x 256`` low-resolution logits, or None.
+        multimask_output
+            Three candidate masks per prompt instead of one.
+        img_idx
+            Which image of :meth:`set_image_batch` (0 after :meth:`set_image`).
+
+        Returns
+        -------
+        low_res_logits
+            ``B x C x 256 x 256`` raw (unclamped) mask logits; C is 3 with ``multimask_output`` else 1.
+        iou_predictions
+            ``B x C``.
+        """
+        self._require_image("decode")
+        # through _decode, which _predict uses too (and tests replace with a stand-in)
+        return self._decode(
+            point_coords, point_labels, boxes=boxes, mask_input=mask_input, multimask_output=multimask_output, img_idx=img_idx
+        )
+
     @torch.no_grad()
     def _decode(
         self,
