@@ -20,8 +20,8 @@ from napari_sam2.predictor.amg import (
     calculate_stability_score,
     generate_crop_boxes,
     mask_to_rle,
-    records_to_labels,
     nms,
+    records_to_labels,
     rle_to_mask,
 )
 from napari_sam2.predictor.postprocess import remove_small_regions

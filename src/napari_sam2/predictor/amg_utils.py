@@ -9,8 +9,8 @@ Everything here is plain torch / numpy (no torchvision, no OpenCV); the generato
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator, Sequence
 from itertools import product
-from typing import Iterator, Sequence
 
 import numpy as np
 import torch
@@ -282,7 +282,7 @@ class MaskData:
         self.patches += list(patches)
         self.areas = torch.cat([self.areas, torch.as_tensor(areas, dtype=torch.int64).reshape(-1)])
 
-    def extend(self, other: "MaskData") -> None:
+    def extend(self, other: MaskData) -> None:
         for name in ("boxes", "iou", "stability", "points", "crop_boxes", "areas"):
             setattr(self, name, torch.cat([getattr(self, name), getattr(other, name)]))
         self.patches += other.patches

@@ -17,7 +17,7 @@ only runs the small prompt encoder and mask decoder (milliseconds).
 
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch
