@@ -15,6 +15,7 @@ import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 import numpy as np
@@ -72,6 +73,21 @@ def dead_pid() -> int:
     proc = subprocess.Popen([sys.executable, "-c", "pass"])
     proc.wait()
     return proc.pid
+
+
+@contextmanager
+def lock_held_elsewhere(out: Path):
+    """Another process holding the output folder's lock, as a running napari-sam2 would."""
+    holder = subprocess.Popen(
+        [sys.executable, "-c", "import time; from napari_sam2.io.lock import OutputLock; "
+         f"OutputLock({str(out / '.napari-sam2.lock')!r}).acquire(); print('locked', flush=True); time.sleep(120)"],
+        stdout=subprocess.PIPE, text=True, env=ENV)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        yield holder
+    finally:
+        holder.kill()
+        holder.wait()
 
 
 def rows(out: Path) -> dict:
@@ -151,19 +167,11 @@ def test_a_second_run_on_the_same_output_says_who_holds_it(tmp_path, clicks, ran
     source = write_stack(tmp_path / "data" / "s0.tif")
     out = tmp_path / "out"
     out.mkdir()
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import sys, time; from napari_sam2.io.lock import OutputLock; "
-         f"OutputLock({str(out / '.napari-sam2.lock')!r}).acquire(); print('locked', flush=True); time.sleep(120)"],
-        stdout=subprocess.PIPE, text=True, env=ENV)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with lock_held_elsewhere(out) as holder:
         proc = cli("segment", source, "--out", out, "--prompts", clicks, *model_args(random_checkpoint))
         assert proc.returncode == 1
         assert "is being written by another napari-sam2 run" in proc.stderr and f"process {holder.pid}" in proc.stderr
         assert not (out / "s0.ome.zarr").exists() and not (out / "summary.csv").exists()
-    finally:
-        holder.kill()
-        holder.wait()
     # the lock dies with its holder: no stale lock to remove by hand
     assert cli("segment", source, "--out", out, "--prompts", clicks, *model_args(random_checkpoint)).returncode == 0
 
@@ -579,17 +587,9 @@ def test_the_lock_is_checked_before_the_model_loads(tmp_path, clicks):
     out.mkdir()
     broken = tmp_path / "broken.pt"
     broken.write_bytes(b"\x00" * 64)  # loading it would fail: a lock message proves it was not loaded
-    holder = subprocess.Popen(
-        [sys.executable, "-c", "import time; from napari_sam2.io.lock import OutputLock; "
-         f"OutputLock({str(out / '.napari-sam2.lock')!r}).acquire(); print('locked', flush=True); time.sleep(60)"],
-        stdout=subprocess.PIPE, text=True, env=ENV)
-    try:
-        assert holder.stdout.readline().strip() == "locked"
+    with lock_held_elsewhere(out):
         proc = cli("segment", source, "--out", out, "--prompts", clicks, "--checkpoint", broken, "--device", "cpu")
         assert proc.returncode == 1 and "is being written by another napari-sam2 run" in proc.stderr
-    finally:
-        holder.kill()
-        holder.wait()
 
 
 def test_a_pattern_that_matches_earlier_results_is_refused_clearly(tmp_path, clicks, random_checkpoint):
