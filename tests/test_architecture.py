@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
+
 import napari_sam2
 
 ROOT = Path(napari_sam2.__file__).resolve().parent
@@ -81,3 +83,15 @@ def test_the_command_line_parses_without_importing_torch():
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True,
                          env={"PYTHONPATH": str(ROOT.parent), "PATH": "/usr/bin:/bin"})
     assert out.stdout.strip() == "False"
+
+
+def test_the_video_predictor_and_its_test_double_offer_the_protocol(random_checkpoint):
+    from fakes import GroundTruthPredictor
+
+    from napari_sam2.predictor.video import build_video_predictor
+    from napari_sam2.propagation import VideoPredictorLike
+
+    real = build_video_predictor("sam2.1_hiera_tiny", checkpoint=random_checkpoint, device="cpu", image_size=256)
+    assert isinstance(real, VideoPredictorLike)
+    assert isinstance(GroundTruthPredictor(np.zeros((2, 4, 4), np.uint16)), VideoPredictorLike)
+    assert not isinstance(object(), VideoPredictorLike)

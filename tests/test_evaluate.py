@@ -10,9 +10,7 @@ import numpy as np
 import pandas as pd
 import pytest
 import tifffile
-import torch
 
-import napari_sam2
 from napari_sam2.cli import main
 from napari_sam2.evaluate import CTCLayoutError, evaluate_ctc, seg_score
 from napari_sam2.io import read_ctc_tracks, write_ctc
@@ -101,10 +99,8 @@ def test_segment_flags_validation(tmp_path, capsys):
     assert "bogus" in capsys.readouterr().err
 
 
-def test_segment_cli_with_detection_end_to_end(tmp_path):
-    torch.manual_seed(0)
-    ckpt = tmp_path / "random.pt"
-    torch.save({"model": napari_sam2.build_model("sam2.1_hiera_tiny", pretrained=False).state_dict()}, ckpt)
+def test_segment_cli_with_detection_end_to_end(tmp_path, random_checkpoint):
+    ckpt = random_checkpoint
     ts = make_timelapse(4, (48, 48), n_cells=2, seed=0)
     tifffile.imwrite(tmp_path / "s0.tif", ts.image, photometric="minisblack")
     out = tmp_path / "out"

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
 __all__ = ["DIRECTIONS", "Pass", "VideoPredictorLike", "plan_passes", "needs_history", "run_passes"]
 
@@ -65,6 +65,7 @@ def run_passes(predictor: VideoPredictorLike, state, passes: Sequence[Pass]) -> 
                                                 reverse=p.reverse)
 
 
+@runtime_checkable
 class VideoPredictorLike(Protocol):
     """What the notebook API, the batch runner and the lineage tracker need of a video predictor:
     the official video predictor's session methods (:class:`napari_sam2.VideoPredictor` has them; the
