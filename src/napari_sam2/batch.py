@@ -269,8 +269,9 @@ def run_one(job: Job, predictor: VideoPredictorLike | None = None) -> dict:
     if problem:
         return _result(job, "failed", start, error=problem)
     present = [p for p in paths.values() if p.exists() or p.is_symlink()]
+    settings = result_settings(job)  # what the result depends on, as it is when the run starts
     if job.skip_existing and present:
-        why = check_complete(job.out_dir, job.name, paths, job.input, result_settings(job))
+        why = check_complete(job.out_dir, job.name, paths, job.input, settings)
         if why is None:
             return _result(job, "skipped", start, output=str(paths["labels"]))
         return _result(job, "failed", start, error=(
@@ -308,7 +309,7 @@ def run_one(job: Job, predictor: VideoPredictorLike | None = None) -> dict:
         notes = list(dict.fromkeys(str(w.message) for w in caught if issubclass(w.category, RuntimeWarning)))
         pending.publish(job.overwrite, {
             "run": job.run_id, "input": os.path.realpath(job.input), "input_fingerprint": fingerprint(job.input),
-            "settings": result_settings(job), "prompts": prompts_file,
+            "settings": settings, "prompts": prompts_file,
             "frames": result.n_frames, "objects": result.n_objects,
             "model": {k: job.options.get(k) for k in _MODEL_OPTIONS}, "napari_sam2": _version()})
         return _result(job, "ok", start, frames=result.n_frames, objects=result.n_objects, output=str(paths["labels"]),
