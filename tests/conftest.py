@@ -22,8 +22,11 @@ first if you must).
 
 from __future__ import annotations
 
+import atexit
 import os
 import random
+import shutil
+import tempfile
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +73,20 @@ def _need_reference() -> None:
         pytest.fail(f"{msg} [{REQUIRE_REFERENCE_ENV} is set: parity tests may not be skipped]",
                     pytrace=False)
     pytest.skip(msg)
+
+
+# the suite's exact comparisons are fp32 on every machine; tests of bf16 ask for it by name
+os.environ["NAPARI_SAM2_PRECISION"] = "fp32"
+# never the user's feature cache, also in the CLIs the tests start (their environments copy this one)
+_FEATURES = tempfile.mkdtemp(prefix="napari-sam2-test-features-")
+atexit.register(shutil.rmtree, _FEATURES, True)
+os.environ["NAPARI_SAM2_FEATURES"] = _FEATURES
+
+
+@pytest.fixture(autouse=True)
+def _own_feature_cache(tmp_path_factory, monkeypatch):
+    """Each test has a feature cache of its own (never the user's, never another test's entries)."""
+    monkeypatch.setenv("NAPARI_SAM2_FEATURES", str(tmp_path_factory.mktemp("features")))
 
 
 @pytest.fixture(autouse=True)

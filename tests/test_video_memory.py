@@ -181,7 +181,7 @@ def _session(predictor, video):
 
 
 def _check_bounded(state, t: int, history: str) -> None:
-    assert len(state.features._items) <= 2, f"frame {t}: {len(state.features._items)} frames of features cached"
+    assert len(state.features.in_ram) <= 2, f"frame {t}: {len(state.features.in_ram)} frames of features in RAM"
     for obj in state.objects.values():
         store = obj.non_cond
         assert len(store._ram) <= RAM, f"frame {t}: {len(store._ram)} entries in RAM"

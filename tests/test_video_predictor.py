@@ -211,8 +211,8 @@ def test_init_state_reads_only_a_sample_and_propagation_reads_each_frame_once(pr
     frames = []
     for t, _, _ in predictor.propagate_in_video(state):
         frames.append(t)
-        # frames are read as they are needed, not ahead
-        assert max(video.reads) == t
+        # frames are read as they are needed: the next one is prepared while this one is tracked
+        assert t <= max(video.reads) <= t + 1
     assert frames == list(range(ts.n_frames))
     # the feature cache: frame 0 was encoded for the click and not read again; each frame once
     assert dict(video.reads) == {t: 1 for t in range(ts.n_frames)}

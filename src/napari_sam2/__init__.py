@@ -10,6 +10,7 @@ __version__ = "0.1.0"
 
 _PUBLIC = {
     "segment_stack": "napari_sam2.api",
+    "embed_stack": "napari_sam2.api",
     "SegmentationResult": "napari_sam2.api",
     "build_model": "napari_sam2.build",
     "build_video_predictor": "napari_sam2.predictor.video",

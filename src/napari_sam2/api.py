@@ -149,6 +149,54 @@ def _progress_bar(progress, total: int, desc: str):
 
 
 # ------------------------------------------------------------------------------------ the call
+def embed_stack(
+    stack,
+    *,
+    model: str = DEFAULT_MODEL,
+    checkpoint: str | os.PathLike | None = None,
+    device: str = "auto",
+    image_size: int | None = None,
+    precision: str = "auto",
+    feature_cache=None,
+    axes: str | None = None,
+    channel: int | None = None,
+    z: int | None = None,
+    z_project: str | None = None,
+    along: str | None = None,
+    t: int | None = None,
+    frames=None,
+    predictor: VideoPredictorLike | None = None,
+    progress: bool | str = True,
+) -> dict:
+    """Encode every frame of ``stack`` (or ``frames``) into the feature cache ahead of time.
+
+    Later clicks, propagation passes and :func:`segment_stack` runs on the same stack with the same
+    model, size, precision and planes then only run the decoder and the memory. Arguments as in
+    :func:`segment_stack`. Returns ``{"frames", "encoded", "cached", "location"}``: frames looked at,
+    frames encoded now, frames found cached already, and the cache folder (None: in memory).
+    """
+    video, shape = open_video(stack, axes=axes, channel=channel, z=z, z_project=z_project, along=along, t=t)
+    if predictor is None:
+        from .predictor.video import build_video_predictor
+
+        predictor = build_video_predictor(model, checkpoint=checkpoint, device=device, image_size=image_size,
+                                          precision=precision, feature_cache=feature_cache)
+    cache = predictor.feature_cache
+    if cache is None:
+        raise ValueError("the feature cache is off (feature_cache=False or $NAPARI_SAM2_FEATURES=off): there is "
+                         "nowhere to keep precomputed features. Pass feature_cache=None or a folder.")
+    state = predictor.init_state(video, history="ram")
+    todo = list(range(shape[0])) if frames is None else [int(f) for f in frames]
+    bar = _progress_bar(progress, len(todo), "encoding")
+    try:
+        encoded = predictor.precompute(state, todo, progress=bar.update)
+    finally:
+        bar.close()
+        predictor.close(state)
+    location = None if getattr(cache, "in_memory", True) else str(cache.location)
+    return {"frames": len(todo), "encoded": encoded, "cached": len(todo) - encoded, "location": location}
+
+
 def segment_stack(
     stack,
     points=None,
@@ -163,6 +211,8 @@ def segment_stack(
     checkpoint: str | os.PathLike | None = None,
     device: str = "auto",
     image_size: int | None = None,
+    precision: str = "auto",
+    feature_cache=None,
     axes: str | None = None,
     channel: int | None = None,
     z: int | None = None,
@@ -208,6 +258,12 @@ def segment_stack(
         Which network: a registry name (``napari-sam2 models``), a checkpoint file (default: the
         official one, downloaded once), ``"cpu"``/``"cuda"``/``"mps"``/``"auto"``, and the network
         input size (default 1024; a multiple of 64, smaller is faster).
+    precision
+        ``"auto"`` (default: bf16 where the hardware computes it natively, else fp32), ``"fp32"``
+        (exactly the reference's numbers) or ``"bf16"``.
+    feature_cache
+        Where each frame's image features are kept, so that a frame is encoded once across passes and
+        runs: None (default: ``$NAPARI_SAM2_FEATURES`` or the user cache folder), a folder, or False.
     axes, channel
         Axes of the source (e.g. ``"TCYX"``) and the channel to segment.
     z, z_project, along, t
@@ -227,7 +283,7 @@ def segment_stack(
         Replace an existing store at ``out``.
     predictor
         A ready :class:`napari_sam2.VideoPredictor` to reuse (then ``model``, ``checkpoint``,
-        ``device`` and ``image_size`` are not used).
+        ``device``, ``image_size``, ``precision`` and ``feature_cache`` are not used).
     progress
         Show a progress bar (a string: its label).
     callback
@@ -265,7 +321,8 @@ def segment_stack(
     if predictor is None:
         from .predictor.video import build_video_predictor
 
-        predictor = build_video_predictor(model, checkpoint=checkpoint, device=device, image_size=image_size)
+        predictor = build_video_predictor(model, checkpoint=checkpoint, device=device, image_size=image_size,
+                                          precision=precision, feature_cache=feature_cache)
     sink, path = open_label_sink(out, plan.shape, overwrite)
     table = TrackTable()
     try:

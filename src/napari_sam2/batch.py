@@ -44,7 +44,7 @@ __all__ = [
 ]
 
 FORMATS = tuple(LABEL_FORMATS)
-_MODEL_OPTIONS = ("model", "checkpoint", "device", "image_size")
+_MODEL_OPTIONS = ("model", "checkpoint", "device", "image_size", "precision", "feature_cache")
 _STACK_SUFFIXES = (".ome.tiff", ".ome.tif", ".ome.zarr", ".tiff", ".tif", ".zarr", ".png", ".jpeg", ".jpg")
 
 
@@ -189,6 +189,7 @@ def _predictor(options: dict):
             _PREDICTORS[key] = build_video_predictor(
                 options.get("model") or DEFAULT_MODEL, checkpoint=options.get("checkpoint"),
                 device=options.get("device") or "auto", image_size=options.get("image_size"),
+                precision=options.get("precision") or "auto", feature_cache=options.get("feature_cache"),
             )
         return _PREDICTORS[key]
 
@@ -340,8 +341,8 @@ def result_settings(job: Job) -> dict:
         prompts = file_id(find_prompts_file(job.prompts, job.input, job.name))
     except Exception:  # noqa: BLE001 - the run itself reports a prompts file it cannot find
         prompts = None
-    # the device is left out: a result is the same wherever it was computed
-    options = {k: v for k, v in sorted(job.options.items()) if v is not None and k != "device"}
+    # the device and the feature cache are left out: a result is the same wherever it was computed
+    options = {k: v for k, v in sorted(job.options.items()) if v is not None and k not in ("device", "feature_cache")}
     settings = {"format": job.format, "options": options, "prompts": prompts, "auto": job.auto,
                 "checkpoint": file_id(job.options.get("checkpoint"))}
     return json.loads(json.dumps(settings, default=str))  # tuples and lists compare alike after a round trip

@@ -101,6 +101,7 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--checkpoint", metavar="PATH", help="checkpoint file (default: the official one, downloaded once)")
     seg.add_argument("--device", choices=("cpu", "cuda", "mps", "auto"), default="auto", help="default %(default)s: cuda > mps > cpu")
     seg.add_argument("--image-size", type=int, metavar="N", help="network input size, a multiple of 64 (default 1024; smaller is faster)")
+    _add_speed_options(seg)
     seg.add_argument("--axes", metavar="AXES", help="axes of the inputs, e.g. TYX, TCYX, YXT (default: from the file)")
     seg.add_argument("--channel", type=_positive_int, metavar="N", help="channel to segment (multichannel stacks)")
     seg.add_argument("--z", type=_positive_int, metavar="N", help="Z plane to segment (stacks with a Z axis)")
@@ -132,6 +133,25 @@ def build_parser() -> argparse.ArgumentParser:
     ev.add_argument("gt", metavar="GT_DIR", help="CTC ground-truth folder, e.g. 01_GT")
     ev.add_argument("--json", action="store_true", help="print one JSON object with the keys DET, TRA (, SEG)")
 
+    emb = sub.add_parser("embed", help="encode stacks' frames into the feature cache ahead of segmenting",
+                         description="Run the image encoder over every frame of each stack and keep the features "
+                         "in the feature cache, so that clicks in napari and `segment` runs with the same model, "
+                         "--image-size, --precision and planes only run the decoder and the memory.")
+    emb.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders of frames, Zarr stores or globs")
+    emb.add_argument("--model", default=DEFAULT_MODEL, help="registry name (default %(default)s)")
+    emb.add_argument("--checkpoint", metavar="PATH", help="checkpoint file (default: the official one)")
+    emb.add_argument("--device", choices=("cpu", "cuda", "mps", "auto"), default="auto", help="default %(default)s")
+    emb.add_argument("--image-size", type=int, metavar="N", help="network input size (default 1024)")
+    _add_speed_options(emb)
+    emb.add_argument("--axes", metavar="AXES", help="axes of the inputs, e.g. TYX, TCYX")
+    emb.add_argument("--channel", type=_positive_int, metavar="N", help="channel (multichannel stacks)")
+    emb.add_argument("--z", type=_positive_int, metavar="N", help="Z plane (stacks with a Z axis)")
+    emb.add_argument("--z-project", choices=("max", "mean", "min"), help="a projection along Z instead")
+    emb.add_argument("--along", choices=("T", "Z"), type=str.upper, help="the frames are time points (T) or planes (Z)")
+    emb.add_argument("--t", type=_positive_int, metavar="T", help="time point of the volume for --along Z")
+    emb.add_argument("--threads", type=_positive_int, metavar="N", help="torch CPU threads")
+    emb.add_argument("--no-progress", action="store_true", help="no progress bars")
+
     sub.add_parser("models", help="list the models: name, version, size, cached or not, path",
                    description="List the SAM2 models of the registry and whether their checkpoint is cached.")
     dl = sub.add_parser("download", help="download a model's official checkpoint",
@@ -139,6 +159,74 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("name", metavar="NAME", help="registry name, e.g. sam2.1_hiera_tiny")
     dl.add_argument("--force", action="store_true", help="download again even if cached")
     return parser
+
+
+def _add_speed_options(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                        help="default %(default)s: bf16 on GPUs and CPUs that compute it natively (AMX, AVX-512 BF16), "
+                        "else fp32; fp32 gives the reference's numbers exactly")
+    parser.add_argument("--features", metavar="DIR", help="feature cache folder, or 'off' (default: "
+                        "$NAPARI_SAM2_FEATURES, else features/ in the cache folder; size cap $NAPARI_SAM2_FEATURES_GB, "
+                        "default 20)")
+
+
+def _feature_cache(value: str | None):
+    if value is None:
+        return None
+    return False if value.strip().lower() in ("off", "none", "no", "0", "false") else os.path.expanduser(value)
+
+
+def _show_model_log() -> None:
+    """The line saying which device and precision run goes to stderr, as the CLI's other notes."""
+    import logging
+
+    logger = logging.getLogger("napari_sam2")
+    if not logger.handlers:
+        handler = logging.StreamHandler(sys.stderr)
+        handler.setFormatter(logging.Formatter("napari-sam2: %(message)s"))
+        logger.addHandler(handler)
+        logger.setLevel(logging.INFO)
+
+
+def _embed(args: argparse.Namespace) -> int:
+    from .batch import expand_inputs
+
+    if args.threads:
+        import torch
+
+        torch.set_num_threads(args.threads)
+    inputs = expand_inputs(args.inputs)
+    failed = [f"{path}: {err}" for path, err in inputs if err]
+    todo = [path for path, err in inputs if not err]
+    if not todo:
+        for line in failed:
+            print(f"napari-sam2: error: {line}", file=sys.stderr)
+        return 1
+    from .api import embed_stack
+    from .predictor.video import build_video_predictor
+
+    _show_model_log()
+    try:
+        predictor = build_video_predictor(args.model, checkpoint=args.checkpoint, device=args.device,
+                                          image_size=args.image_size, precision=args.precision,
+                                          feature_cache=_feature_cache(args.features))
+    except Exception as exc:  # CheckpointError, DownloadError, ValueError (device, precision)
+        return _error(f"could not load model {args.model}: {exc}")
+    if predictor.feature_cache is None:
+        return _error("the feature cache is off (--features off or $NAPARI_SAM2_FEATURES=off): nothing to embed into.")
+    for path in todo:
+        try:
+            done = embed_stack(path, predictor=predictor, axes=args.axes, channel=args.channel, z=args.z,
+                               z_project=args.z_project, along=args.along, t=args.t,
+                               progress=False if args.no_progress else Path(path).name)
+        except Exception as exc:  # noqa: BLE001 - one unreadable stack must not stop the others
+            failed.append(f"{path}: {exc}")
+            continue
+        where = done["location"] or "memory (the cache folder could not be written)"
+        print(f"{path}: {done['frames']} frames, {done['encoded']} encoded, {done['cached']} already cached -> {where}")
+    for line in failed:
+        print(f"napari-sam2: error: {line}", file=sys.stderr)
+    return 1 if failed else 0
 
 
 def _error(message: str) -> int:
@@ -265,6 +353,7 @@ def _segment(args: argparse.Namespace) -> int:
 
         torch.set_num_threads(args.threads)
     options = {"model": args.model, "checkpoint": args.checkpoint, "device": args.device, "image_size": args.image_size,
+               "precision": args.precision, "feature_cache": _feature_cache(args.features),
                "axes": args.axes, "channel": args.channel, "z": args.z, "z_project": args.z_project,
                "along": args.along, "t": args.t, "direction": args.direction, "mask_frame": args.mask_frame,
                "detect_new": detect_new, "detect_divisions": True if args.detect_divisions else None}
@@ -295,8 +384,10 @@ def _run_held(args: argparse.Namespace, jobs, append_summary, format_summary, ru
         from .predictor.video import build_video_predictor
 
         try:  # once for the whole batch: a missing checkpoint is one clear error, not one per input
+            _show_model_log()
             predictor = build_video_predictor(args.model, checkpoint=args.checkpoint, device=args.device,
-                                              image_size=args.image_size)
+                                              image_size=args.image_size, precision=args.precision,
+                                              feature_cache=_feature_cache(args.features))
         except Exception as exc:  # CheckpointError, DownloadError, ValueError (device)
             return _error(f"could not load model {args.model}: {exc}")
     told: set[str] = set()
@@ -446,7 +537,7 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     previous = _terminate_like_interrupt()
     try:
-        return {"segment": _segment, "evaluate": _evaluate, "models": _models,
+        return {"segment": _segment, "embed": _embed, "evaluate": _evaluate, "models": _models,
                 "download": _download}[args.command](args)
     except KeyboardInterrupt as exc:
         # finally-blocks have removed the unfinished outputs and spill folders on the way out

@@ -28,7 +28,7 @@ def logits_to_labels(mask_logits, obj_ids) -> np.ndarray:
     """
     import torch
 
-    logits = torch.as_tensor(mask_logits)
+    logits = torch.as_tensor(mask_logits).cpu()  # the ids are indexed on the CPU
     if logits.ndim == 4:
         logits = logits[:, 0]
     if logits.ndim != 3:

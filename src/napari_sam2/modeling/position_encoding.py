@@ -111,8 +111,7 @@ def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
     ``x`` may hold a whole number of repeats of the N positions along its token axis (the memory
     bank's frames share one grid of positions).
     """
-    reps = x.shape[-2] // freqs.shape[0]
-    if reps > 1:
-        freqs = freqs.repeat(reps, 1)
-    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-1], -1, 2))
-    return torch.view_as_real(xc * freqs).flatten(-2).type_as(x)
+    n, half = freqs.shape
+    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-2], -1, n, half, 2))  # ... x reps x N x D/2
+    # broadcast over the repeats rather than repeating freqs: MPS has no complex repeat
+    return torch.view_as_real(xc * freqs).reshape(x.shape).type_as(x)

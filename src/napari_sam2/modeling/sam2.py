@@ -91,6 +91,30 @@ class SAM2(nn.Module):
     def device(self) -> torch.device:
         return self.no_mem_embed.device
 
+    # the modules that hold nearly all of a frame's arithmetic; the SAM heads stay fp32 (they are light,
+    # and masks, IoUs and object scores are where bf16 rounding would show)
+    HEAVY_MODULES = ("image_encoder", "memory_attention", "memory_encoder")
+
+    def set_precision(self, dtype: torch.dtype) -> SAM2:
+        """Compute image features, memory attention and memories in ``dtype`` (float32 or bfloat16)."""
+        if dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"the network computes in float32 or bfloat16, not {dtype}.")
+        for name in self.HEAVY_MODULES:
+            getattr(self, name).to(dtype)
+        return self
+
+    @property
+    def compute_dtype(self) -> torch.dtype:
+        """The dtype of image features and memory attention (what :meth:`set_precision` chose)."""
+        return self.memory_attention.norm.weight.dtype
+
+    @property
+    def precision(self) -> str:
+        return "bf16" if self.compute_dtype == torch.bfloat16 else "fp32"
+
+    def _heads_dtype(self) -> torch.dtype:
+        return self.sam_mask_decoder.conv_s0.weight.dtype
+
     # ------------------------------------------------------------------ image features
     def forward_image(self, image: torch.Tensor) -> dict:
         """B x 3 x 1024 x 1024 normalised images -> ``vision_features``, ``vision_pos_enc``,
@@ -105,22 +129,29 @@ class SAM2(nn.Module):
             raise TypeError(
                 f"forward_image expects a float tensor (normalised with ImageNet mean/std), got {image.dtype}."
             )
-        # float64 / float16 input is cast to the weights' dtype (autocast handles bf16 on CUDA)
-        out = self.image_encoder(image.to(self.no_mem_embed.dtype))
+        # float64 / float16 input is cast to the encoder's dtype
+        out = self.image_encoder(image.to(self.compute_dtype))
         fpn = list(out["backbone_fpn"])
-        fpn[0] = self.sam_mask_decoder.conv_s0(fpn[0])
-        fpn[1] = self.sam_mask_decoder.conv_s1(fpn[1])
+        heads = self._heads_dtype()
+        fpn[0] = self.sam_mask_decoder.conv_s0(fpn[0].to(heads))
+        fpn[1] = self.sam_mask_decoder.conv_s1(fpn[1].to(heads))
         out["backbone_fpn"] = fpn
         return out
 
-    @staticmethod
-    def frame_features(backbone_out: dict) -> FrameFeatures:
-        """Pick the three levels SAM2 uses out of :meth:`forward_image`'s output."""
+    def frame_features(self, backbone_out: dict) -> FrameFeatures:
+        """Pick the three levels SAM2 uses out of :meth:`forward_image`'s output, in the compute dtype
+        (what is cached per frame; the SAM heads cast what they read)."""
         fpn, pos = backbone_out["backbone_fpn"], backbone_out["vision_pos_enc"]
-        return FrameFeatures(embed=fpn[-1], pos=pos[-1], high_res=(fpn[0], fpn[1]))
+        dtype = self.compute_dtype
+        return FrameFeatures(embed=fpn[-1].to(dtype), pos=pos[-1].to(dtype), high_res=(fpn[0].to(dtype), fpn[1].to(dtype)))
 
     def encode_frame(self, image: torch.Tensor) -> FrameFeatures:
         return self.frame_features(self.forward_image(image))
+
+    def features_from_levels(self, embed: torch.Tensor, high_res0: torch.Tensor, high_res1: torch.Tensor) -> FrameFeatures:
+        """FrameFeatures from the three stored levels (the position map depends only on the size)."""
+        pos = self.image_encoder.neck.position_encoding(embed).to(embed.dtype)
+        return FrameFeatures(embed, pos, (high_res0, high_res1))
 
     # ------------------------------------------------------------------ SAM heads
     def sam_heads(
@@ -138,6 +169,9 @@ class SAM2(nn.Module):
         256^2 and 1024^2, IoU, object pointer (B x 256) and object-score logits (B x 1).
         """
         b = embed.shape[0]
+        heads = self._heads_dtype()
+        embed = embed.to(heads)
+        high_res = tuple(h.to(heads) for h in high_res)
         if point_inputs is not None:
             coords, labels = point_inputs["point_coords"], point_inputs["point_labels"]
             if coords.ndim != 3 or coords.shape[-1] != 2 or coords.shape[0] != b:
@@ -239,7 +273,7 @@ class SAM2(nn.Module):
                 f"Frame {frame_idx} is not a conditioning frame and the memory bank holds no conditioning "
                 "frame: add a prompt (click, box or mask) on some frame first."
             )
-        dtype = feats.embed.dtype
+        dtype = self.compute_dtype
         mem_pos_map = None
         tokens, token_pos = [], []
 
@@ -250,7 +284,7 @@ class SAM2(nn.Module):
                 # the memory position map is the same for every frame: compute it once
                 mem_pos_map = self.memory_encoder.position_encoding(f).to(dtype).flatten(2).transpose(1, 2)
             tokens.append(f.flatten(2).transpose(1, 2))  # B x HW x 64
-            token_pos.append(mem_pos_map + self.maskmem_tpos_enc[tpos_index].reshape(1, 1, -1))
+            token_pos.append((mem_pos_map + self.maskmem_tpos_enc[tpos_index].reshape(1, 1, -1)).to(dtype))
 
         last = self.num_maskmem - 1
         for entry in cond.values():
@@ -291,8 +325,8 @@ class SAM2(nn.Module):
             token_pos.append(ptr_pe.repeat_interleave(split, dim=0).unsqueeze(0).expand(b, -1, -1))
             n_ptr_tokens = n * split
 
-        curr = feats.embed.flatten(2).transpose(1, 2)
-        curr_pos = feats.pos.flatten(2).transpose(1, 2)
+        curr = feats.embed.to(dtype).flatten(2).transpose(1, 2)
+        curr_pos = feats.pos.to(dtype).flatten(2).transpose(1, 2)
         out = self.memory_attention(
             curr, curr_pos, torch.cat(tokens, dim=1), torch.cat(token_pos, dim=1), num_obj_ptr_tokens=n_ptr_tokens
         )
@@ -311,7 +345,8 @@ class SAM2(nn.Module):
         else:
             mask = torch.sigmoid(masks_high_res)
         mask = mask * self.cfg.sigmoid_scale_for_mem_enc + self.cfg.sigmoid_bias_for_mem_enc
-        features, _ = self.memory_encoder(feats.embed, mask)
+        dtype = self.compute_dtype
+        features, _ = self.memory_encoder(feats.embed.to(dtype), mask.to(dtype))
         if self.no_obj_embed_spatial is not None:
             absent = (object_score_logits <= 0).float()[..., None, None]  # B x 1 x 1 x 1
             features = features + absent * self.no_obj_embed_spatial[..., None, None]

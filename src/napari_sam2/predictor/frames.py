@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from collections import OrderedDict
-from collections.abc import Callable
+import threading
 from typing import Any
 
 import numpy as np
@@ -52,6 +51,7 @@ class FrameSource:
             raise ValueError(f"the video's frames are empty (shape {tuple(shape)}).")
         self.image_size = image_size
         self.normalize = normalize
+        self._read_lock = threading.Lock()
         if isinstance(normalize, str) and normalize == "reference":
             if self.data.dtype != np.uint8:
                 raise ValueError(
@@ -77,8 +77,9 @@ class FrameSource:
     def raw(self, t: int) -> np.ndarray:
         """Frame ``t`` as stored, (Y, X) or (Y, X, 3)."""
         self.check_index(t)
-        frame = self.data[t]
-        return np.asarray(frame.compute() if hasattr(frame, "compute") else frame)
+        with self._read_lock:  # the next frame is read in a background thread while this one is tracked
+            frame = self.data[t]
+            return np.asarray(frame.compute() if hasattr(frame, "compute") else frame)
 
     def check_index(self, t: int) -> None:
         if not isinstance(t, (int, np.integer)) or isinstance(t, bool):
@@ -88,30 +89,16 @@ class FrameSource:
 
     def __getitem__(self, t: int) -> torch.Tensor:
         """Frame ``t`` as a 3 x S x S float32 tensor, normalised for the network."""
-        frame = self.raw(t)
+        return self.model_input(self.raw(t), t)
+
+    def model_input(self, frame: np.ndarray, t: int) -> torch.Tensor:
+        """A frame as read (:meth:`raw`) -> 3 x S x S float32, normalised for the network."""
         if isinstance(self.normalize, str) and self.normalize == "reference":
             return reference_model_input(frame, self.image_size)
         lo, hi = self.range
         return to_model_input(normalize_frame(frame, lo, hi, index=t), self.image_size)[0]
 
-
-class FeatureCache:
-    """The image features of the last few frames (bounded: a video's features never pile up)."""
-
-    def __init__(self, compute: Callable[[int], Any], size: int = 2):
-        self._compute = compute
-        self._size = size
-        self._items: OrderedDict[int, Any] = OrderedDict()
-
-    def __call__(self, t: int):
-        if t in self._items:
-            self._items.move_to_end(t)
-            return self._items[t]
-        value = self._compute(t)
-        self._items[t] = value
-        while len(self._items) > self._size:
-            self._items.popitem(last=False)
-        return value
-
-    def clear(self) -> None:
-        self._items.clear()
+    def settings(self) -> dict:
+        """What besides the pixels decides the network's input (part of a cached feature's key)."""
+        mode = self.normalize if isinstance(self.normalize, str) else "range"
+        return {"normalize": mode, "range": [float(v) for v in self.range], "image_size": self.image_size, "rgb": self.rgb}

@@ -201,7 +201,8 @@ class ImagePredictor:
         """
         feats = self.model.encode_frame(batch)
         embed = feats.embed + self.model.no_mem_embed.reshape(1, -1, 1, 1)
-        return {"image_embed": embed, "high_res_feats": list(feats.high_res)}
+        # the SAM heads compute in fp32 whatever the encoder's precision
+        return {"image_embed": embed.float(), "high_res_feats": [h.float() for h in feats.high_res]}
 
     def get_image_embedding(self) -> torch.Tensor:
         """The embedding of the current image(s): ``B x 256 x 64 x 64`` (B = 1 after set_image)."""

@@ -42,7 +42,7 @@ def fill_holes(mask_logits: torch.Tensor, max_area: int) -> torch.Tensor:
         holes[i, 0] = (labels > 0) & (areas <= max_area)
     if not holes.any():
         return mask_logits
-    return torch.where(torch.from_numpy(holes).to(mask_logits.device), torch.tensor(0.1, dtype=mask_logits.dtype), mask_logits)
+    return torch.where(torch.from_numpy(holes).to(mask_logits.device), 0.1, mask_logits)
 
 
 def non_overlapping(mask_logits: torch.Tensor) -> torch.Tensor:

@@ -12,8 +12,7 @@ layout are run as one batch.
 from __future__ import annotations
 
 import os
-from collections.abc import Iterator
-from contextlib import nullcontext
+from collections.abc import Callable, Iterable, Iterator
 from typing import Any
 
 import numpy as np
@@ -21,8 +20,10 @@ import torch
 
 from ..build import build_model, resolve_device
 from ..modeling import DEFAULT_MODEL, SAM2
-from ..modeling.sam2 import NO_OBJ_SCORE, FrameFeatures
-from .frames import FeatureCache, FrameSource
+from ..modeling.sam2 import NO_OBJ_SCORE
+from .feature_cache import open_feature_cache
+from .features import FrameFeatureSource
+from .frames import FrameSource
 from .postprocess import fill_holes, non_overlapping, resize_logits
 from .preprocess import mask_to_model_input, to_model_coords
 from .store import FrameStore, SpillDir
@@ -70,7 +71,8 @@ class ObjectTrack:
 class VideoState:
     """Everything one video's session holds (the official ``inference_state``)."""
 
-    def __init__(self, frames: FrameSource, device: torch.device, spill: SpillDir | None, ram_frames: int, feature_fn):
+    def __init__(self, frames: FrameSource, device: torch.device, spill: SpillDir | None, ram_frames: int,
+                 features: FrameFeatureSource):
         self.frames = frames
         self.device = device
         self.num_frames = frames.num_frames
@@ -79,7 +81,7 @@ class VideoState:
         self.objects: dict[Any, ObjectTrack] = {}
         self.spill = spill
         self.ram_frames = ram_frames
-        self.features = FeatureCache(feature_fn, size=2)
+        self.features = features
         self._objects_made = 0
 
     @property
@@ -134,7 +136,13 @@ class VideoPredictor:
     max_batch
         Most objects run as one batch. Default: 4 on the CPU (there a step is compute-bound, and larger
         batches only thrash the caches: measured 2.7 s per object at 1 to 5 objects, 3.0 s at 10),
-        64 on a GPU.
+        16 on MPS (math attention over 28.7k memory tokens), 64 on a CUDA GPU
+        (``benchmarks/bench_batch.py`` measures it on a machine).
+    feature_cache
+        Where image features are kept so that each frame is encoded once across prompts, passes,
+        sessions and runs: None (default) -> ``$NAPARI_SAM2_FEATURES`` or ``features/`` in the
+        download cache folder; a folder; False -> none (only the last 2 frames stay in RAM).
+        See :mod:`napari_sam2.predictor.feature_cache`.
     """
 
     def __init__(
@@ -147,6 +155,7 @@ class VideoPredictor:
         spill_dir: str | None = None,
         add_all_frames_to_correct_as_cond: bool = False,
         max_batch: int | None = None,
+        feature_cache=None,
     ):
         if history not in ("disk", "ram"):
             raise ValueError(f"history must be 'disk' or 'ram', got {history!r}")
@@ -159,15 +168,15 @@ class VideoPredictor:
         self.spill_dir = spill_dir
         self.add_all_frames_to_correct_as_cond = add_all_frames_to_correct_as_cond
         self.max_batch = max_batch
+        self.feature_cache = open_feature_cache(feature_cache)
 
     @property
     def device(self) -> torch.device:
         return self.model.device
 
-    def _autocast(self):
-        if self.device.type == "cuda":
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-        return nullcontext()
+    @property
+    def precision(self) -> str:
+        return self.model.precision
 
     # ------------------------------------------------------------------ state
     @torch.inference_mode()
@@ -196,13 +205,18 @@ class VideoPredictor:
             raise ValueError(f"history must be 'disk' or 'ram', got {history!r}")
         frames = FrameSource(video, self.image_size, axes=axes, channel=channel, normalize=normalize, percentiles=percentiles)
         spill = SpillDir(self.spill_dir) if history == "disk" else None
+        features = FrameFeatureSource(frames, self.model, self.feature_cache)
+        return VideoState(frames, self.device, spill, self.ram_frames, features)
 
-        def encode(t: int) -> FrameFeatures:
-            image = frames[t].to(self.device)[None]
-            with self._autocast():
-                return self.model.encode_frame(image)
-
-        return VideoState(frames, self.device, spill, self.ram_frames, encode)
+    @torch.inference_mode()
+    def precompute(self, state: VideoState, frames: Iterable[int] | None = None,
+                   progress: Callable[[int], None] | None = None) -> int:
+        """Encode ``frames`` (default: all) of the session's video into the feature cache, so that later
+        clicks and passes only run the decoder and the memory; returns how many frames were encoded
+        (the rest were cached already). ``progress(1)`` is called after each frame."""
+        if frames is not None:
+            frames = [self._check_frame(state, t) for t in frames]
+        return state.features.precompute(frames, progress)
 
     @torch.inference_mode()
     def reset_state(self, state: VideoState) -> None:
@@ -214,6 +228,7 @@ class VideoPredictor:
     def close(self, state: VideoState) -> None:
         """Free the session's spilled frames on disk now (they also go when the state is collected)."""
         self.reset_state(state)
+        state.features.close()
         if state.spill is not None:
             state.spill.cleanup()
 
@@ -241,35 +256,32 @@ class VideoPredictor:
         """One tracking step for objects that share frame t's memory layout, as one batch."""
         feats = state.features(t).expand(len(objs))
         bank = self._batched_bank(objs, t, state.num_frames, reverse) if not is_init_cond_frame else None
-        with self._autocast():
-            out = self.model.track_step(
-                feats,
-                frame_idx=t,
-                is_init_cond_frame=is_init_cond_frame,
-                memory=bank,
-                num_frames=state.num_frames,
-                point_inputs=point_inputs,
-                mask_inputs=mask_inputs,
-                reverse=reverse,
-                run_mem_encoder=run_mem_encoder,
-                prev_mask_logits=prev_mask_logits,
-            )
+        out = self.model.track_step(
+            feats,
+            frame_idx=t,
+            is_init_cond_frame=is_init_cond_frame,
+            memory=bank,
+            num_frames=state.num_frames,
+            point_inputs=point_inputs,
+            mask_inputs=mask_inputs,
+            reverse=reverse,
+            run_mem_encoder=run_mem_encoder,
+            prev_mask_logits=prev_mask_logits,
+        )
         pred = out["pred_masks"].float()
         if self.fill_hole_area > 0:
             pred = fill_holes(pred, self.fill_hole_area)
+        # one transfer per tensor for the whole batch; each object's entry is its own copy (a slice would
+        # keep, and spill, the whole batch's storage)
         mem = out["maskmem_features"]
-        results = []
-        for i in range(len(objs)):
-            results.append(
-                {
-                    # memories are kept in bf16, as the official predictor does: half the storage
-                    "maskmem_features": None if mem is None else mem[i : i + 1].to(torch.bfloat16).cpu(),
-                    "pred_masks": pred[i : i + 1].cpu(),
-                    "obj_ptr": out["obj_ptr"][i : i + 1].float().cpu(),
-                    "object_score_logits": out["object_score_logits"][i : i + 1].float().cpu(),
-                }
-            )
-        return results
+        batch = {
+            # memories are kept in bf16, as the official predictor does: half the storage
+            "maskmem_features": None if mem is None else mem.to(torch.bfloat16).cpu(),
+            "pred_masks": pred.cpu(),
+            "obj_ptr": out["obj_ptr"].float().cpu(),
+            "object_score_logits": out["object_score_logits"].float().cpu(),
+        }
+        return [{k: None if v is None else v[i : i + 1].clone() for k, v in batch.items()} for i in range(len(objs))]
 
     def _bank_window(self, t: int, num_frames: int, reverse: bool) -> list[int]:
         spatial, ptrs = self.model.memory_frames(t, num_frames, reverse)
@@ -297,7 +309,7 @@ class VideoPredictor:
         for o in objs:
             key = (tuple(o.cond), o.non_cond.has_mask(window))
             groups.setdefault(key, []).append(o)
-        cap = self.max_batch or (4 if self.device.type == "cpu" else 64)
+        cap = self.max_batch or default_max_batch(self.device)
         return [g[i : i + cap] for g in groups.values() for i in range(0, len(g), cap)]
 
     # ------------------------------------------------------------------ outputs
@@ -503,8 +515,7 @@ class VideoPredictor:
                     if out["maskmem_features"] is None:
                         feats = state.features(t)
                         high = resize_logits(out["pred_masks"].to(self.device), (self.image_size,) * 2)
-                        with self._autocast():
-                            mem = self.model.encode_memory(feats, high, out["object_score_logits"].to(self.device), True)
+                        mem = self.model.encode_memory(feats, high, out["object_score_logits"].to(self.device), True)
                         out["maskmem_features"] = mem.to(torch.bfloat16).cpu()
                     if key == "cond":
                         obj.cond[t] = out
@@ -518,7 +529,11 @@ class VideoPredictor:
             for t in obj.cond:
                 obj.non_cond.discard(t)
 
-    propagate_in_video_preflight = _preflight
+    @torch.inference_mode()
+    def propagate_in_video_preflight(self, inference_state: VideoState) -> None:
+        """Move the round's prompts into the memory banks (propagation does this itself; the official
+        API lets a caller do it first)."""
+        self._preflight(inference_state)
 
     @torch.inference_mode()
     def propagate_in_video(
@@ -547,7 +562,10 @@ class VideoPredictor:
             end = min(start_frame_idx + max_frame_num_to_track, n - 1)
             order = range(start_frame_idx, end + 1)
 
-        for t in order:
+        order = list(order)
+        for i, t in enumerate(order):
+            if i + 1 < len(order):
+                state.features.prefetch(order[i + 1])
             masks: dict[Any, torch.Tensor] = {}
             to_track = []
             for o in objs:
@@ -572,12 +590,21 @@ def build_video_predictor(
     checkpoint: str | os.PathLike | None = None,
     device: str | torch.device = "auto",
     image_size: int | None = None,
+    precision: str = "auto",
     **kwargs,
 ) -> VideoPredictor:
     """A :class:`VideoPredictor` for the registry model ``name`` (official weights unless ``checkpoint``).
 
     Extra keyword arguments go to :class:`VideoPredictor` (``fill_hole_area``, ``non_overlap_masks``,
-    ``history``, ...). ``device="auto"`` picks CUDA, then MPS, then the CPU.
+    ``history``, ``feature_cache``, ...). ``device="auto"`` picks CUDA, then MPS, then the CPU;
+    ``precision`` is ``"auto"``, ``"fp32"`` or ``"bf16"`` (see :func:`napari_sam2.build_model`).
     """
-    model = build_model(name, checkpoint=checkpoint, device=resolve_device(device), image_size=image_size)
+    model = build_model(name, checkpoint=checkpoint, device=resolve_device(device), image_size=image_size,
+                        precision=precision)
     return VideoPredictor(model, **kwargs)
+
+
+def default_max_batch(device: torch.device) -> int:
+    """Objects per batch: on a CPU a step is compute-bound and bigger batches only thrash the caches;
+    MPS runs math attention (its memory grows with the batch); a CUDA GPU wants wide batches."""
+    return {"cpu": 4, "mps": 16}.get(device.type, 64)

@@ -1,0 +1,141 @@
+"""Image features of a session's frames: the last few in RAM, the rest in the feature cache, the encoder
+only for frames never seen with this model and these settings; the next frame prepared ahead."""
+
+from __future__ import annotations
+
+import threading
+from collections import OrderedDict
+from collections.abc import Callable, Iterable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+import torch
+
+from ..modeling import SAM2
+from ..modeling.sam2 import FrameFeatures
+from .feature_cache import frame_key, settings_key, weights_fingerprint
+from .frames import FrameSource
+
+FORMAT = 1  # bump when what an entry holds changes
+
+
+class FrameFeatureSource:
+    """``features(t)`` -> :class:`FrameFeatures` of frame t (batch of 1) on the model's device.
+
+    Parameters
+    ----------
+    cache
+        A feature cache (:func:`~napari_sam2.predictor.feature_cache.open_feature_cache`) or None.
+    ram_frames
+        Frames whose features stay in RAM on the device (a step and its prompt read one frame).
+    """
+
+    def __init__(self, frames: FrameSource, model: SAM2, cache=None, ram_frames: int = 2):
+        self.frames = frames
+        self.model = model
+        self.cache = cache
+        self.ram_frames = ram_frames
+        self._ram: OrderedDict[int, FrameFeatures] = OrderedDict()
+        self._pending: dict[int, Future] = {}
+        self._executor: ThreadPoolExecutor | None = None
+        self._settings: str | None = None
+        self._lock = threading.Lock()
+        self.encoded = 0  # frames run through the image encoder by this session
+        self.from_cache = 0  # frames served by the feature cache
+
+    def settings(self) -> str:
+        if self._settings is None:
+            m = self.model
+            modules = [m.image_encoder, m.sam_mask_decoder.conv_s0, m.sam_mask_decoder.conv_s1]
+            self._settings = settings_key(
+                format=FORMAT, weights=weights_fingerprint(modules), precision=m.precision, **self.frames.settings()
+            )
+        return self._settings
+
+    @property
+    def in_ram(self) -> list[int]:
+        return list(self._ram)
+
+    # ---------------------------------------------------------------- one frame
+    def _load(self, t: int, encode_here: bool) -> tuple[str, FrameFeatures | torch.Tensor, str | None]:
+        """("features", f, key) from the cache (or encoded when ``encode_here``), else ("input", image, key)."""
+        raw = self.frames.raw(t)
+        key = frame_key(self.settings(), raw) if self.cache is not None else None
+        if key is not None:
+            levels = self.cache.get(key)
+            if levels is not None:
+                dev = self.model.device
+                self.from_cache += 1
+                return "features", self.model.features_from_levels(*(x.to(dev, non_blocking=True) for x in levels)), key
+        image = self.frames.model_input(raw, t).to(self.model.device, non_blocking=True)[None]
+        if encode_here:
+            return "features", self._encode(image, key), key
+        return "input", image, key
+
+    @torch.inference_mode()
+    def _encode(self, image: torch.Tensor, key: str | None) -> FrameFeatures:
+        feats = self.model.encode_frame(image)
+        self.encoded += 1
+        if key is not None:
+            self.cache.put(key, (feats.embed, feats.high_res[0], feats.high_res[1]))
+        return feats
+
+    def __call__(self, t: int) -> FrameFeatures:
+        if t in self._ram:
+            self._ram.move_to_end(t)
+            return self._ram[t]
+        future = self._pending.pop(t, None)
+        kind, value, key = future.result() if future is not None else self._load(t, encode_here=True)
+        feats = value if kind == "features" else self._encode(value, key)
+        self._ram[t] = feats
+        while len(self._ram) > self.ram_frames:
+            self._ram.popitem(last=False)
+        return feats
+
+    def prefetch(self, t: int) -> None:
+        """Start preparing frame t in the background: read, normalise, resize, look up in the cache; on
+        a GPU also encode (on a CPU the encoder would only compete for the cores with the step)."""
+        if t in self._ram or t in self._pending or not 0 <= t < len(self.frames):
+            return
+        if self._executor is None:
+            self._executor = ThreadPoolExecutor(max_workers=1, thread_name_prefix="napari-sam2-prefetch")
+        encode = self.model.device.type != "cpu"
+
+        def job():
+            with torch.inference_mode():
+                return self._load(t, encode_here=encode)
+
+        self._pending[t] = self._executor.submit(job)
+
+    def forget_pending(self) -> None:
+        """Drop prefetched frames not used (a propagation stopped early); errors in them are moot."""
+        for future in self._pending.values():
+            future.cancel()
+        self._pending.clear()
+
+    def precompute(self, frames: Iterable[int] | None = None, progress: Callable[[int], None] | None = None) -> int:
+        """Encode ``frames`` (default all) into the feature cache; returns how many were encoded now
+        (the others were cached already). ``progress(1)`` is called after each frame."""
+        if self.cache is None:
+            raise ValueError("precomputing needs a feature cache: pass feature_cache=None (the default folder) or a folder.")
+        before = self.encoded
+        order = list(range(len(self.frames)) if frames is None else frames)
+        for i, t in enumerate(order):
+            if i + 1 < len(order):
+                self.prefetch(order[i + 1])
+            future = self._pending.pop(t, None)
+            kind, value, key = future.result() if future is not None else self._load(t, encode_here=False)
+            if kind == "input":
+                self._encode(value, key)
+            if progress is not None:
+                progress(1)
+        return self.encoded - before
+
+    def clear(self) -> None:
+        self.forget_pending()
+        self._ram.clear()
+
+    def close(self) -> None:
+        self.clear()
+        if self._executor is not None:
+            self._executor.shutdown(wait=True, cancel_futures=True)
+            self._executor = None
