@@ -36,6 +36,7 @@ BOXES_NAME = "SAM2 boxes"
 LABELS_NAME = "SAM2 masklets"
 TRACKS_NAME = "SAM2 tracks"
 DEVICES = ("auto", "cpu", "cuda", "mps")
+PRECISIONS = ("auto", "fp32", "bf16")
 POSITIVE_COLOR = "lime"
 NEGATIVE_COLOR = "red"
 
@@ -157,6 +158,11 @@ class SAM2Widget(QWidget):
         self.size_spin.setValue(1024)
         self.size_spin.setToolTip("Network input size: 1024 as trained; smaller is faster on small images.")
         form.addRow("Image size", self.size_spin)
+        self.precision_combo = QComboBox()
+        self.precision_combo.addItems(PRECISIONS)
+        self.precision_combo.setToolTip("auto: bf16 on GPUs and CPUs that compute it natively (AMX, AVX-512 BF16), "
+                                        "else fp32. fp32 gives the reference's numbers exactly.")
+        form.addRow("Precision", self.precision_combo)
 
         self.prompt_button = QPushButton("Add prompt layers")
         self.prompt_button.setToolTip("Points: click objects ('t' toggles positive/negative). Boxes: draw rectangles. "
@@ -391,7 +397,8 @@ class SAM2Widget(QWidget):
         """The video predictor for the chosen model, device and size (built once, then reused)."""
         name = self.model_combo.currentData()
         ckpt = self.checkpoint_edit.text().strip() or None
-        key = (name, ckpt, self.device_combo.currentText(), int(self.size_spin.value()))
+        key = (name, ckpt, self.device_combo.currentText(), int(self.size_spin.value()),
+               self.precision_combo.currentText())
         if self._predictor is not None and key == self._predictor_key:
             return self._predictor
         from .build import build_model, resolve_device
@@ -405,7 +412,7 @@ class SAM2Widget(QWidget):
             self.status.setText("model not loaded")
             return None
         try:
-            model = build_model(name, checkpoint=ckpt, device=device, image_size=key[3])
+            model = build_model(name, checkpoint=ckpt, device=device, image_size=key[3], precision=key[4])
         except Exception as exc:  # bad file, wrong model, no network, no CUDA...
             reason = str(exc).strip() or type(exc).__name__
             what = f"'{ckpt}'" if ckpt else f"the {name} weights"
@@ -414,7 +421,7 @@ class SAM2Widget(QWidget):
             return None
         self._predictor = VideoPredictor(model, add_all_frames_to_correct_as_cond=True)
         self._predictor_key = key
-        self.status.setText(f"{name} loaded on {model.device}")
+        self.status.setText(f"{name} loaded on {model.device} in {model.precision}")
         self._mark_cached()
         return self._predictor
 

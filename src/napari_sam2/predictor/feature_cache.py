@@ -189,7 +189,7 @@ class DiskFeatureCache:
             except OSError:
                 if not final.is_dir():  # not another process's entry of the same frame
                     raise
-        except OSError as exc:
+        except Exception as exc:  # noqa: BLE001 - a cache that cannot be written must not stop the work
             shutil.rmtree(tmp, ignore_errors=True)
             self._fall_back(exc)
             self._fallback.put(key, levels)
@@ -246,10 +246,10 @@ class DiskFeatureCache:
                 total -= size
             self._bytes = total
 
-    def _fall_back(self, exc: OSError) -> None:
+    def _fall_back(self, exc: Exception) -> None:
         if self._fallback is None:
             warnings.warn(
-                f"the feature cache folder {self.location} cannot be written ({exc.strerror or exc}): image "
+                f"the feature cache folder {self.location} cannot be written ({getattr(exc, 'strerror', None) or exc}): image "
                 f"features are kept in memory for this session only. Free disk space, or set ${FEATURES_ENV} "
                 "to a writable folder.",
                 RuntimeWarning,

@@ -16,6 +16,7 @@ from .feature_cache import frame_key, settings_key, weights_fingerprint
 from .frames import FrameSource
 
 FORMAT = 1  # bump when what an entry holds changes
+MAX_PENDING_WRITES = 4  # beyond this, a frame is not cached: the encoder must never wait for the disk
 
 
 class FrameFeatureSource:
@@ -37,6 +38,8 @@ class FrameFeatureSource:
         self._ram: OrderedDict[int, FrameFeatures] = OrderedDict()
         self._pending: dict[int, Future] = {}
         self._executor: ThreadPoolExecutor | None = None
+        self._writer: ThreadPoolExecutor | None = None
+        self._writes: list[Future] = []
         self._settings: str | None = None
         self._lock = threading.Lock()
         self.encoded = 0  # frames run through the image encoder by this session
@@ -76,8 +79,25 @@ class FrameFeatureSource:
         feats = self.model.encode_frame(image)
         self.encoded += 1
         if key is not None:
-            self.cache.put(key, (feats.embed, feats.high_res[0], feats.high_res[1]))
+            self._store(key, (feats.embed, feats.high_res[0], feats.high_res[1]))
         return feats
+
+    def _store(self, key: str, levels) -> None:
+        """Write an entry in the background (tracking goes on meanwhile)."""
+        with self._lock:
+            self._writes = [f for f in self._writes if not f.done()]
+            if len(self._writes) >= MAX_PENDING_WRITES:
+                return
+            if self._writer is None:
+                self._writer = ThreadPoolExecutor(max_workers=1, thread_name_prefix="napari-sam2-cache-writer")
+            self._writes.append(self._writer.submit(self.cache.put, key, levels))
+
+    def flush(self) -> None:
+        """Wait until every entry handed to the cache is written."""
+        with self._lock:
+            writes, self._writes = self._writes, []
+        for future in writes:
+            future.result()
 
     def __call__(self, t: int) -> FrameFeatures:
         if t in self._ram:
@@ -126,8 +146,11 @@ class FrameFeatureSource:
             kind, value, key = future.result() if future is not None else self._load(t, encode_here=False)
             if kind == "input":
                 self._encode(value, key)
+                if len(self._writes) >= MAX_PENDING_WRITES - 1:
+                    self.flush()  # precomputing is for the cache: wait for the disk rather than skip a frame
             if progress is not None:
                 progress(1)
+        self.flush()
         return self.encoded - before
 
     def clear(self) -> None:
@@ -136,6 +159,8 @@ class FrameFeatureSource:
 
     def close(self) -> None:
         self.clear()
-        if self._executor is not None:
-            self._executor.shutdown(wait=True, cancel_futures=True)
-            self._executor = None
+        self.flush()
+        for pool in (self._executor, self._writer):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        self._executor = self._writer = None
