@@ -46,7 +46,7 @@ def main(argv=None) -> int:
         feats = model.encode_frame(torch.randn(1, 3, args.image_size, args.image_size, device=device))
         rows = []
         for b in args.batches:
-            def entry():
+            def entry(b=b):
                 return {"maskmem_features": torch.randn(b, 64, side, side, device=device).to(torch.bfloat16),
                         "obj_ptr": torch.randn(b, 256, device=device)}
 
