@@ -253,3 +253,11 @@ def test_embed_stack_then_segment_stack_runs_only_decoder_and_memory(model, cell
 def test_embed_without_a_cache_is_a_clear_error(model, cells):
     with pytest.raises(ValueError, match="feature cache is off"):
         embed_stack(cells.image, predictor=VideoPredictor(model, feature_cache=False), progress=False)
+
+
+def test_a_model_built_under_inference_mode_is_cached_too(cells, tmp_path):
+    with torch.inference_mode():
+        model = random_model(SIZE, seed=0)
+        predictor = VideoPredictor(model, feature_cache=tmp_path / "features")
+        assert predictor.precompute(predictor.init_state(cells.image)) == T
+        assert predictor.precompute(predictor.init_state(cells.image)) == 0

@@ -97,18 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
                      "min_area=50, max_objects=100, ...)")
     seg.add_argument("--format", choices=tuple(LABEL_FORMATS), default="zarr", help="labels as OME-Zarr (default), "
                      "compressed ImageJ TIFF, or a Cell Tracking Challenge folder")
-    seg.add_argument("--model", default=DEFAULT_MODEL, help="registry name (see `napari-sam2 models`; default %(default)s)")
-    seg.add_argument("--checkpoint", metavar="PATH", help="checkpoint file (default: the official one, downloaded once)")
-    seg.add_argument("--device", choices=("cpu", "cuda", "mps", "auto"), default="auto", help="default %(default)s: cuda > mps > cpu")
-    seg.add_argument("--image-size", type=int, metavar="N", help="network input size, a multiple of 64 (default 1024; smaller is faster)")
-    _add_speed_options(seg)
-    seg.add_argument("--axes", metavar="AXES", help="axes of the inputs, e.g. TYX, TCYX, YXT (default: from the file)")
-    seg.add_argument("--channel", type=_positive_int, metavar="N", help="channel to segment (multichannel stacks)")
-    seg.add_argument("--z", type=_positive_int, metavar="N", help="Z plane to segment (stacks with a Z axis)")
-    seg.add_argument("--z-project", choices=("max", "mean", "min"), help="segment a projection along Z instead")
-    seg.add_argument("--along", choices=("T", "Z"), type=str.upper, help="propagate through time (T, default) or "
-                     "through the planes of a volume (Z)")
-    seg.add_argument("--t", type=_positive_int, metavar="T", help="time point of the volume for --along Z")
+    _add_model_and_plane_options(seg)
     seg.add_argument("--direction", choices=DIRECTIONS, default="both",
                      help="propagate from the earliest prompted frame forward and/or the latest backward (default both)")
     seg.add_argument("--mask-frame", type=_positive_int, default=0, metavar="T",
@@ -138,17 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
                          "in the feature cache, so that clicks in napari and `segment` runs with the same model, "
                          "--image-size, --precision and planes only run the decoder and the memory.")
     emb.add_argument("inputs", nargs="+", metavar="INPUT", help="files, folders of frames, Zarr stores or globs")
-    emb.add_argument("--model", default=DEFAULT_MODEL, help="registry name (default %(default)s)")
-    emb.add_argument("--checkpoint", metavar="PATH", help="checkpoint file (default: the official one)")
-    emb.add_argument("--device", choices=("cpu", "cuda", "mps", "auto"), default="auto", help="default %(default)s")
-    emb.add_argument("--image-size", type=int, metavar="N", help="network input size (default 1024)")
-    _add_speed_options(emb)
-    emb.add_argument("--axes", metavar="AXES", help="axes of the inputs, e.g. TYX, TCYX")
-    emb.add_argument("--channel", type=_positive_int, metavar="N", help="channel (multichannel stacks)")
-    emb.add_argument("--z", type=_positive_int, metavar="N", help="Z plane (stacks with a Z axis)")
-    emb.add_argument("--z-project", choices=("max", "mean", "min"), help="a projection along Z instead")
-    emb.add_argument("--along", choices=("T", "Z"), type=str.upper, help="the frames are time points (T) or planes (Z)")
-    emb.add_argument("--t", type=_positive_int, metavar="T", help="time point of the volume for --along Z")
+    _add_model_and_plane_options(emb)  # the same as segment's: the features must be the ones segment reads
     emb.add_argument("--threads", type=_positive_int, metavar="N", help="torch CPU threads")
     emb.add_argument("--no-progress", action="store_true", help="no progress bars")
 
@@ -159,6 +138,22 @@ def build_parser() -> argparse.ArgumentParser:
     dl.add_argument("name", metavar="NAME", help="registry name, e.g. sam2.1_hiera_tiny")
     dl.add_argument("--force", action="store_true", help="download again even if cached")
     return parser
+
+
+def _add_model_and_plane_options(p: argparse.ArgumentParser) -> None:
+    """Which network, and which frames of the inputs it sees (shared by segment and embed)."""
+    p.add_argument("--model", default=DEFAULT_MODEL, help="registry name (see `napari-sam2 models`; default %(default)s)")
+    p.add_argument("--checkpoint", metavar="PATH", help="checkpoint file (default: the official one, downloaded once)")
+    p.add_argument("--device", choices=("cpu", "cuda", "mps", "auto"), default="auto", help="default %(default)s: cuda > mps > cpu")
+    p.add_argument("--image-size", type=int, metavar="N", help="network input size, a multiple of 64 (default 1024; smaller is faster)")
+    _add_speed_options(p)
+    p.add_argument("--axes", metavar="AXES", help="axes of the inputs, e.g. TYX, TCYX, YXT (default: from the file)")
+    p.add_argument("--channel", type=_positive_int, metavar="N", help="channel to segment (multichannel stacks)")
+    p.add_argument("--z", type=_positive_int, metavar="N", help="Z plane to segment (stacks with a Z axis)")
+    p.add_argument("--z-project", choices=("max", "mean", "min"), help="segment a projection along Z instead")
+    p.add_argument("--along", choices=("T", "Z"), type=str.upper, help="propagate through time (T, default) or "
+                   "through the planes of a volume (Z)")
+    p.add_argument("--t", type=_positive_int, metavar="T", help="time point of the volume for --along Z")
 
 
 def _add_speed_options(parser: argparse.ArgumentParser) -> None:

@@ -204,11 +204,14 @@ class DiskFeatureCache:
         import zarr
 
         if int(zarr.__version__.split(".")[0]) >= 3:
-            z = zarr.create_array(str(path), shape=arr.shape, chunks=arr.shape, dtype=arr.dtype, compressors=None)
+            # uncompressed: features hardly compress, and a frame's entry must cost far less than encoding it
+            z = zarr.create_array(str(path), shape=arr.shape, chunks=arr.shape, dtype=arr.dtype, compressors=None,
+                                  attributes=meta)
+            z[...] = arr
         else:
             z = zarr.open_array(str(path), mode="w", shape=arr.shape, chunks=arr.shape, dtype=arr.dtype, compressor=None)
-        z[...] = arr
-        z.attrs.update(meta)
+            z[...] = arr
+            z.attrs.update(meta)
 
     # ---------------------------------------------------------------- size cap
     def entries(self) -> list[tuple[float, int, Path]]:
@@ -298,7 +301,8 @@ def weights_fingerprint(modules) -> str:
     """A digest of the weights of ``modules`` (memoised on their tensors' version counters: an
     in-place update, as fine-tuning makes, changes the fingerprint)."""
     tensors = [t for m in modules for t in list(m.parameters()) + list(m.buffers())]
-    stamp = tuple((id(t), t._version) for t in tensors)
+    # tensors made under inference mode have no version counter (and cannot be trained in place)
+    stamp = tuple((id(t), -1 if t.is_inference() else t._version) for t in tensors)
     memo = getattr(modules[0], "_napari_sam2_fingerprint", None)
     if memo is not None and memo[0] == stamp:
         return memo[1]
