@@ -164,3 +164,15 @@ def test_the_image_predictor_uses_the_chosen_precision(cells):
         masks[dtype] = m[0] > 0
     a, b = masks[torch.float32], masks[torch.bfloat16]
     assert (a & b).sum() / max((a | b).sum(), 1) >= 0.95
+
+
+def test_resizes_mps_lacks_before_torch_2_7_run_on_the_cpu():
+    from napari_sam2.modeling.common import needs_cpu_resize
+
+    assert needs_cpu_resize("mps", "2.5.1", "bicubic", False)
+    assert needs_cpu_resize("mps", "2.6.0", "bilinear", True)
+    assert not needs_cpu_resize("mps", "2.6.0", "bilinear", False)
+    assert not needs_cpu_resize("mps", "2.7.0", "bicubic", False)
+    assert not needs_cpu_resize("mps", "2.13.0+cpu", "bilinear", True)
+    assert not needs_cpu_resize("cpu", "2.5.1", "bicubic", True)
+    assert not needs_cpu_resize("cuda", "2.1.0", "bilinear", True)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -55,6 +57,21 @@ class LayerNorm2d(nn.Module):
         return x * self.weight[:, None, None] + self.bias[:, None, None]
 
 
+def needs_cpu_resize(device_type: str, torch_version: str, mode: str, antialias: bool) -> bool:
+    """MPS implements bicubic and antialiased bilinear resizing from torch 2.7 on only."""
+    if device_type != "mps" or not (mode == "bicubic" or antialias):
+        return False
+    major, minor = (int(v) for v in re.match(r"(\d+)\.(\d+)", torch_version).groups())
+    return (major, minor) < (2, 7)
+
+
+def interpolate(x: torch.Tensor, size, mode: str, antialias: bool = False, **kwargs) -> torch.Tensor:
+    """``F.interpolate``, on the CPU where the tensor's device lacks the mode (then moved back)."""
+    if needs_cpu_resize(x.device.type, torch.__version__, mode, antialias):
+        return F.interpolate(x.cpu(), size=size, mode=mode, antialias=antialias, **kwargs).to(x.device)
+    return F.interpolate(x, size=size, mode=mode, antialias=antialias, **kwargs)
+
+
 def resize_masks(masks: torch.Tensor, size: tuple[int, int], antialias: bool = False) -> torch.Tensor:
     """Bilinear resize of B x C x H x W mask logits (half-pixel centres, as SAM does)."""
-    return F.interpolate(masks, size=size, mode="bilinear", align_corners=False, antialias=antialias)
+    return interpolate(masks, size=size, mode="bilinear", align_corners=False, antialias=antialias)

@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .common import MLP
+from .common import MLP, interpolate
 from .configs import HieraConfig
 
 
@@ -149,7 +149,7 @@ class Hiera(nn.Module):
         self.channel_list = list(reversed(cfg.channels))
 
     def _pos_embed(self, hw: tuple[int, int]) -> torch.Tensor:
-        pos = F.interpolate(self.pos_embed, size=hw, mode="bicubic")
+        pos = interpolate(self.pos_embed, size=hw, mode="bicubic")
         win = self.pos_embed_window
         pos = pos + win.tile(1, 1, hw[0] // win.shape[-2], hw[1] // win.shape[-1])
         return pos.permute(0, 2, 3, 1)

@@ -25,9 +25,9 @@ from collections.abc import Sequence
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from ..io.normalize import normalize_frame
+from ..modeling.common import interpolate
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -127,7 +127,7 @@ def to_model_input(unit_rgb: np.ndarray, size: int, device: torch.device | str =
     x = torch.from_numpy(np.ascontiguousarray(unit_rgb, dtype=np.float32))
     x = (x[None] if x.ndim == 2 else x.permute(2, 0, 1).contiguous()).to(device)
     if tuple(x.shape[-2:]) != (size, size):
-        x = F.interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
+        x = interpolate(x[None], size=(size, size), mode="bilinear", align_corners=False, antialias=True)[0]
     x = x.expand(3, -1, -1)
     mean = torch.tensor(IMAGENET_MEAN, dtype=x.dtype, device=x.device)[:, None, None]
     std = torch.tensor(IMAGENET_STD, dtype=x.dtype, device=x.device)[:, None, None]
@@ -160,5 +160,5 @@ def mask_to_model_input(mask: torch.Tensor, size: int) -> torch.Tensor:
     bilinear resize, then >= 0.5), as the official video predictor does."""
     if tuple(mask.shape[-2:]) == (size, size):
         return mask
-    resized = F.interpolate(mask, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
+    resized = interpolate(mask, size=(size, size), mode="bilinear", align_corners=False, antialias=True)
     return (resized >= 0.5).float()
