@@ -60,9 +60,12 @@ class FrameFeatureSource:
         return list(self._ram)
 
     # ---------------------------------------------------------------- one frame
-    def _load(self, t: int, encode_here: bool) -> tuple[str, FrameFeatures | np.ndarray, str | None]:
-        """("features", f, key) from the cache (or encoded when ``encode_here``), else ("raw", frame, key)."""
-        raw = self.frames.raw(t)
+    def _load(self, t: int, encode_here: bool, background: bool = False) -> tuple[str, FrameFeatures | np.ndarray, str | None]:
+        """("features", f, key) from the cache (or encoded when ``encode_here``), else ("raw", frame, key).
+
+        ``background``: a frame of a lazy dask array is read with dask's synchronous scheduler: on a Dask
+        worker, the cluster's scheduler would queue the read behind the very task that waits for it."""
+        raw = self.frames.raw(t, scheduler="synchronous" if background else None)
         key = frame_key(self.settings(), raw) if self.cache is not None else None
         if key is not None:
             levels = self.cache.get(key)
@@ -107,8 +110,7 @@ class FrameFeatureSource:
         if t in self._ram:
             self._ram.move_to_end(t)
             return self._ram[t]
-        future = self._pending.pop(t, None)
-        kind, value, key = future.result() if future is not None else self._load(t, encode_here=True)
+        kind, value, key = self._take_prefetched(t) or self._load(t, encode_here=True)
         feats = value if kind == "features" else self._encode_raw(value, t, key)
         self._ram[t] = feats
         while len(self._ram) > self.ram_frames:
@@ -127,9 +129,20 @@ class FrameFeatureSource:
 
         def job():
             with torch.inference_mode():
-                return self._load(t, encode_here=encode)
+                return self._load(t, encode_here=encode, background=True)
 
         self._pending[t] = self._executor.submit(job)
+
+    def _take_prefetched(self, t: int):
+        """What the background thread prepared for frame t, or None (none, or it failed: a frame that
+        cannot be read in the background, e.g. of an array persisted on a cluster, is read here)."""
+        future = self._pending.pop(t, None)
+        if future is None:
+            return None
+        try:
+            return future.result()
+        except Exception:  # noqa: BLE001 - read again in this thread, where a real error is raised
+            return None
 
     def forget_pending(self) -> None:
         """Drop prefetched frames not used (a propagation stopped early); errors in them are moot."""
@@ -147,8 +160,7 @@ class FrameFeatureSource:
         for i, t in enumerate(order):
             if i + 1 < len(order):
                 self.prefetch(order[i + 1])
-            future = self._pending.pop(t, None)
-            kind, value, key = future.result() if future is not None else self._load(t, encode_here=False)
+            kind, value, key = self._take_prefetched(t) or self._load(t, encode_here=False)
             if kind == "raw":
                 self._encode_raw(value, t, key)
                 if len(self._writes) >= MAX_PENDING_WRITES - 1:

@@ -74,12 +74,14 @@ class FrameSource:
     def __len__(self) -> int:
         return self.num_frames
 
-    def raw(self, t: int) -> np.ndarray:
-        """Frame ``t`` as stored, (Y, X) or (Y, X, 3)."""
+    def raw(self, t: int, scheduler: str | None = None) -> np.ndarray:
+        """Frame ``t`` as stored, (Y, X) or (Y, X, 3); ``scheduler``: the dask scheduler for a lazy frame."""
         self.check_index(t)
         with self._read_lock:  # the next frame is read in a background thread while this one is tracked
             frame = self.data[t]
-            return np.asarray(frame.compute() if hasattr(frame, "compute") else frame)
+            if hasattr(frame, "compute"):
+                frame = frame.compute(scheduler=scheduler) if scheduler else frame.compute()
+            return np.asarray(frame)
 
     def check_index(self, t: int) -> None:
         if not isinstance(t, (int, np.integer)) or isinstance(t, bool):
