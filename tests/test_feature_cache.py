@@ -261,3 +261,23 @@ def test_a_model_built_under_inference_mode_is_cached_too(cells, tmp_path):
         predictor = VideoPredictor(model, feature_cache=tmp_path / "features")
         assert predictor.precompute(predictor.init_state(cells.image)) == T
         assert predictor.precompute(predictor.init_state(cells.image)) == 0
+
+
+def test_a_frame_the_background_cannot_read_is_read_in_the_caller(model, cells, tmp_path):
+    """E.g. a dask array persisted on a cluster: the synchronous read of the prefetch thread fails."""
+    predictor = VideoPredictor(model, feature_cache=tmp_path / "features")
+    state = predictor.init_state(cells.image)
+    raw = state.frames.raw
+    background = []
+
+    def raw_or_fail(t, scheduler=None):
+        if scheduler is not None:
+            background.append(t)
+            raise RuntimeError("cannot be read from this thread")
+        return raw(t)
+
+    state.frames.raw = raw_or_fail
+    obj, x, y = clicks_of(cells)[0]
+    predictor.add_new_points_or_box(state, 0, obj, points=[[x, y]], labels=[1])
+    frames = [t for t, _, _ in predictor.propagate_in_video(state)]
+    assert frames == list(range(T)) and background  # prefetches were tried, failed, and did not matter
