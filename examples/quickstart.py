@@ -1,6 +1,6 @@
 """Quick start: track cells through a synthetic 16-bit time-lapse with SAM2, end to end.
 
-    pip install torch==2.13.0 && pip install -e . && python examples/quickstart.py
+    pip install torch==2.13.0 && pip install -e ".[napari]" && python examples/quickstart.py
 
 1. makes a synthetic fluorescence time-lapse (uint16, moving and dividing cells, with ground truth);
 2. clicks once on every cell of frame 0 (taken from the ground truth, as you would in napari);
@@ -103,7 +103,25 @@ def main(argv=None) -> int:
     else:
         print(f"\nmean IoU with the ground truth: {iou:.2f}")
     print(f"done in {time.perf_counter() - start:.1f} s on {predictor.device} (image_size {predictor.image_size})")
+    print(napari_ready())
     return 0
+
+
+def napari_ready() -> str:
+    """Whether `napari` can start here with the plugin: a Qt binding and the plugin's manifest."""
+    try:
+        import qtpy
+    except Exception as exc:  # qtpy raises its own error when no binding is installed
+        return (f"napari cannot start: no Qt binding ({exc}). Install one with: pip install -e \".[napari]\" "
+                "(PyQt6)")
+    from npe2 import PluginManager
+
+    manager = PluginManager.instance()
+    manager.discover()
+    if manager.get_manifest("napari-sam2") is None:
+        return "napari starts, but the napari-sam2 plugin is not registered: reinstall with pip install -e ."
+    return (f"napari is ready ({qtpy.API_NAME} {qtpy.QT_VERSION}): run `napari`, then Plugins > SAM2 video "
+            "segmentation (or File > Open Sample > SAM2 for microscopy)")
 
 
 if __name__ == "__main__":

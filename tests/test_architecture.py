@@ -95,3 +95,12 @@ def test_the_video_predictor_and_its_test_double_offer_the_protocol(random_check
     assert isinstance(real, VideoPredictorLike)
     assert isinstance(GroundTruthPredictor(np.zeros((2, 4, 4), np.uint16)), VideoPredictorLike)
     assert not isinstance(object(), VideoPredictorLike)
+
+
+def test_the_annotator_behind_the_widget_imports_no_qt():
+    """The widget's logic (prompts, the worker, the session) runs and is tested without a Qt binding."""
+    code = ("import sys, napari_sam2.annotator, napari_sam2.annotator.engine; "
+            "qt = sorted(m for m in sys.modules if m.split('.')[0] in ('qtpy', 'PyQt5', 'PyQt6', 'PySide2', 'PySide6')); "
+            "print(qt); sys.exit(1 if qt else 0)")
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, f"napari_sam2.annotator imports Qt: {done.stdout} {done.stderr[-2000:]}"

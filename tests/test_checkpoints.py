@@ -472,3 +472,24 @@ def test_model_readme_matches_registry():
         assert entry.url in readme
         if entry.sha256:
             assert entry.sha256 in readme
+
+
+def test_download_reports_progress_to_a_callback_and_can_be_stopped(server, cache, registry_sha, monkeypatch, capsys):
+    registry_sha(PAYLOAD_SHA)
+    monkeypatch.setenv("NAPARI_SAM2_BASE_URL", f"{server}/good")
+    calls = []
+    path = ckpt.resolve_checkpoint(NAME, report=lambda n, total: calls.append((n, total)))
+    assert path.read_bytes() == PAYLOAD
+    assert sum(n for n, _ in calls) == len(PAYLOAD) and {t for _, t in calls} == {len(PAYLOAD)}
+    assert FILENAME not in capsys.readouterr().err  # the caller draws the bar, not tqdm
+    path.unlink()
+
+    class Stop(Exception):
+        pass
+
+    def stop(n, total):
+        raise Stop
+
+    with pytest.raises(Stop):
+        ckpt.resolve_checkpoint(NAME, report=stop)
+    assert not [f for f in _files(cache) if f.endswith(".part") or f == FILENAME]  # no partial file kept

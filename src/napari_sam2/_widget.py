@@ -1,20 +1,22 @@
-"""napari dock widget: SAM2 video segmentation of a time-lapse (or a 3D stack) from clicks and boxes.
+"""napari dock widget: SAM2 video segmentation of a time-lapse (or a 3D stack, or one image).
 
-Workflow: choose the image layer (and, for 4D data, the axis to propagate along), the model, the
-device and the image size; click objects in the "SAM2 points" layer (key ``t`` toggles positive /
-negative clicks) or draw rectangles in the "SAM2 boxes" layer. The object id is the label selected in
-the "SAM2 masklets" Labels layer. Each prompt shows its frame's mask at once; "Propagate" tracks all
-objects through the stack in a worker thread, writing each frame into "SAM2 masklets" as it comes.
+A thin Qt shell over :class:`napari_sam2.annotator.Annotator`: it reads the layers, shows what the
+annotator sends back, and never runs heavy work itself. Click objects in "SAM2 points" (key ``t``
+toggles positive / negative), draw rectangles in "SAM2 boxes", or paint a label in "SAM2 masklets"
+and use it as a mask prompt; the object is the label selected in "SAM2 masklets". Each prompt shows
+its frame's mask as soon as the worker has it; "Propagate" tracks all objects through the stack.
 """
 
 from __future__ import annotations
 
 import weakref
 from pathlib import Path
-from typing import Any
 
 import numpy as np
+from magicgui.widgets import ComboBox
+from qtpy.QtCore import QObject, Signal, Slot
 from qtpy.QtWidgets import (
+    QCheckBox,
     QComboBox,
     QFileDialog,
     QFormLayout,
@@ -28,8 +30,11 @@ from qtpy.QtWidgets import (
     QWidget,
 )
 
+from ._object_table import ObjectTable
+from .annotator import Annotator, AnnotatorError, LineageOptions, ModelChoice, ObjectInfo, StackView, Task
+from .annotator.stack_view import layer_array
 from .modeling.configs import DEFAULT_MODEL
-from .propagation import DIRECTIONS, plan_passes, run_passes
+from .propagation import DIRECTIONS
 
 POINTS_NAME = "SAM2 points"
 BOXES_NAME = "SAM2 boxes"
@@ -53,77 +58,72 @@ def _notify_info(message: str) -> None:
     show_info(message)
 
 
-class _Session:
-    """Which image is segmented and how its (T, Y, X) video maps into the layers' coordinates."""
+def _warm_up_layers(task) -> None:
+    """Import napari's layer modules and compile its labels colormap kernels off the GUI thread: the first
+    Labels layer of a session otherwise spends ~2 s on them in the GUI thread (measured on 2 cores)."""
+    import napari._vispy.layers.labels  # noqa: F401
+    import napari._vispy.layers.points  # noqa: F401
+    import napari._vispy.layers.shapes  # noqa: F401
+    from napari.layers import Labels
 
-    def __init__(self, layer, axis: int, fixed: dict[int, int]):
-        self.layer = layer
-        self.axis = axis  # the propagated axis of the layer's data
-        self.fixed = dict(fixed)  # other leading axes -> the index in view
-        data = layer.data[0] if getattr(layer, "multiscale", False) else layer.data
-        self.rgb = bool(getattr(layer, "rgb", False))
-        self.shape = tuple(int(s) for s in data.shape)
-        spatial = 3 if self.rgb else 2
-        self.lead = len(self.shape) - spatial
-        index = []
-        for d in range(self.lead):
-            index.append(slice(None) if d == axis else self.fixed.get(d, 0))
-        video = data[tuple(index)]
-        self.video = video
-        self.n_frames = self.shape[axis]
-        self.height, self.width = self.shape[self.lead], self.shape[self.lead + 1]
-        self.labels_shape = self.shape[: self.lead + 2]
-        self.state = None
-        self.predictor_key = None
+    Labels(np.zeros((2, 8, 8), dtype=np.uint32))
 
-    def frame_index(self, t: int) -> tuple:
-        """Index of frame t in the labels layer's data."""
-        return tuple(int(t) if d == self.axis else self.fixed.get(d, 0) for d in range(self.lead))
 
-    def frame_of(self, coord) -> int | None:
-        """The frame of a layer coordinate (None when it lies on another slice of a fixed axis)."""
-        for d, i in self.fixed.items():
-            if int(round(float(coord[d]))) != i:
-                return None
-        t = int(round(float(coord[self.axis])))
-        return t if 0 <= t < self.n_frames else None
+class _GuiThread(QObject):
+    """Runs callables posted from the worker thread in the GUI thread (a queued signal)."""
 
-    def labels_video(self, labels_data):
-        """The (T, Y, X) view of the labels layer's data for this session."""
-        index = tuple(slice(None) if d == self.axis else self.fixed.get(d, 0) for d in range(self.lead))
-        return labels_data[index]
+    call = Signal(object)
+
+    def __init__(self):
+        super().__init__()
+        self.call.connect(self._run)  # a slot of this object: queued into the thread it lives in
+
+    @Slot(object)
+    def _run(self, fn) -> None:
+        try:
+            fn()
+        except RuntimeError as exc:
+            if "deleted" not in str(exc):  # a widget of a closed viewer: nothing to show it in
+                _notify_error(f"SAM2 widget: {exc}")
+        except Exception as exc:  # noqa: BLE001 - an uncaught exception in a slot would abort napari
+            _notify_error(f"SAM2 widget: {type(exc).__name__}: {exc}")
+
+    def post(self, fn) -> None:
+        try:
+            self.call.emit(fn)
+        except RuntimeError:  # the widget is gone (viewer closed): nobody to tell
+            pass
 
 
 class SAM2Widget(QWidget):
-    """Dock widget driving :class:`napari_sam2.predictor.video.VideoPredictor` from napari layers."""
+    """Dock widget driving the SAM2 video predictor from napari layers, through a background worker."""
 
     def __init__(self, napari_viewer):
         super().__init__()
         self.viewer = napari_viewer
-        self._predictor = None
-        self._predictor_key = None
-        self._session: _Session | None = None
-        self._applied: dict[tuple[int, int], Any] = {}  # (t, obj) -> prompt signature sent to the predictor
-        self._worker = None
-        self._pending = False
-        self._updating = False
         self.positive = True
         self._connected = weakref.WeakSet()
-        self._done = 0
+        self._updating = False
+        self._progress: dict[int, object] = {}  # task number -> napari progress bar (activity area)
+        self._gui = _GuiThread()
+        self.annotator = Annotator(self._gui.post, self)
         self._build_ui()
         self.viewer.layers.events.inserted.connect(self._refresh_layers)
-        self.viewer.layers.events.removed.connect(self._refresh_layers)
+        self.viewer.layers.events.removed.connect(self._layer_removed)
         self._refresh_layers()
+        annotator = self.annotator
+        self.destroyed.connect(lambda *_: annotator.close(timeout=0))
+        annotator.queue.submit(Task("prepare napari layers", _warm_up_layers))
 
-    # ------------------------------------------------------------------ UI
+    # ================================================================== UI
     def _build_ui(self) -> None:
         layout = QVBoxLayout(self)
         form = QFormLayout()
         layout.addLayout(form)
 
-        self.image_combo = QComboBox()
-        self.image_combo.currentIndexChanged.connect(self._image_changed)
-        form.addRow("Image", self.image_combo)
+        self.image_choice = ComboBox(choices=self._image_choices, nullable=True)
+        self.image_choice.changed.connect(self._image_changed)
+        form.addRow("Image", self.image_choice.native)
         self.axis_combo = QComboBox()
         self.axis_combo.setToolTip("The axis to propagate along (time for a time-lapse, Z for a 3D stack); "
                                    "other leading axes are taken at the slice in view.")
@@ -135,10 +135,8 @@ class SAM2Widget(QWidget):
         for name in REGISTRY:
             self.model_combo.addItem(name, name)
         self._mark_cached()
-        index = self.model_combo.findData(DEFAULT_MODEL)
-        self.model_combo.setCurrentIndex(max(index, 0))
+        self.model_combo.setCurrentIndex(max(self.model_combo.findData(DEFAULT_MODEL), 0))
         form.addRow("Model", self.model_combo)
-
         row = QHBoxLayout()
         self.checkpoint_edit = QLineEdit()
         self.checkpoint_edit.setPlaceholderText("official weights (downloaded if missing)")
@@ -148,7 +146,6 @@ class SAM2Widget(QWidget):
         row.addWidget(self.checkpoint_edit)
         row.addWidget(browse)
         form.addRow("Checkpoint", row)
-
         self.device_combo = QComboBox()
         self.device_combo.addItems(DEVICES)
         form.addRow("Device", self.device_combo)
@@ -163,15 +160,34 @@ class SAM2Widget(QWidget):
         self.precision_combo.setToolTip("auto: bf16 on GPUs and CPUs that compute it natively (AMX, AVX-512 BF16), "
                                         "else fp32. fp32 gives the reference's numbers exactly.")
         form.addRow("Precision", self.precision_combo)
+        self.load_button = QPushButton("Load model")
+        self.load_button.setToolTip("Build the model (and download its weights) now; the first prompt does it too.")
+        self.load_button.clicked.connect(self.load_model)
+        layout.addWidget(self.load_button)
 
+        prompts = QHBoxLayout()
         self.prompt_button = QPushButton("Add prompt layers")
         self.prompt_button.setToolTip("Points: click objects ('t' toggles positive/negative). Boxes: draw rectangles. "
                                       "The object id is the label selected in 'SAM2 masklets'.")
         self.prompt_button.clicked.connect(self.ensure_layers)
-        layout.addWidget(self.prompt_button)
+        self.mask_button = QPushButton("Use painted mask")
+        self.mask_button.setToolTip("The selected label as painted on this frame becomes that object's mask prompt.")
+        self.mask_button.clicked.connect(self.use_painted_mask)
+        prompts.addWidget(self.prompt_button)
+        prompts.addWidget(self.mask_button)
+        layout.addLayout(prompts)
         self.mode_label = QLabel()
         layout.addWidget(self.mode_label)
-        self._show_mode()
+        seg = QHBoxLayout()
+        self.segment_all_button = QPushButton("Segment all cells on this frame")
+        self.segment_all_button.clicked.connect(self.segment_all)
+        self.points_spin = QSpinBox()
+        self.points_spin.setRange(2, 128)
+        self.points_spin.setValue(32)
+        self.points_spin.setToolTip("Points per side of the automatic mask generator's grid")
+        seg.addWidget(self.segment_all_button)
+        seg.addWidget(self.points_spin)
+        layout.addLayout(seg)
 
         prop = QFormLayout()
         layout.addLayout(prop)
@@ -185,40 +201,55 @@ class SAM2Widget(QWidget):
         rng.addWidget(QLabel("to"))
         rng.addWidget(self.end_spin)
         prop.addRow("Frames", rng)
+        lineage = QHBoxLayout()
+        self.new_cells_check = QCheckBox("new cells every")
+        self.new_every_spin = QSpinBox()
+        self.new_every_spin.setRange(1, 1000)
+        self.new_every_spin.setValue(5)
+        self.divisions_check = QCheckBox("divisions")
+        for w in (self.new_cells_check, self.new_every_spin, QLabel("frames"), self.divisions_check):
+            lineage.addWidget(w)
+        prop.addRow("Find", lineage)
 
         buttons = QHBoxLayout()
         self.propagate_button = QPushButton("Propagate")
-        self.propagate_button.clicked.connect(self.propagate)
+        self.propagate_button.clicked.connect(lambda: self.propagate())
+        self.precompute_button = QPushButton("Precompute")
+        self.precompute_button.setToolTip("Encode the frames of the range into the feature cache: afterwards a click "
+                                          "on any of them runs the decoder alone.")
+        self.precompute_button.clicked.connect(lambda: self.precompute())
         self.cancel_button = QPushButton("Cancel")
         self.cancel_button.setEnabled(False)
         self.cancel_button.clicked.connect(self.cancel)
-        buttons.addWidget(self.propagate_button)
-        buttons.addWidget(self.cancel_button)
+        for b in (self.propagate_button, self.precompute_button, self.cancel_button):
+            buttons.addWidget(b)
         layout.addLayout(buttons)
         self.progress = QProgressBar()
-        self.progress.setFormat("%v / %m frames")
+        self.progress.setFormat("%v / %m")
         layout.addWidget(self.progress)
+        self.work_label = QLabel("")
+        self.work_label.setWordWrap(True)
+        layout.addWidget(self.work_label)
 
+        self.objects = ObjectTable(self._select_object, self.clear_object, self._jump_to, self._color_of)
+        layout.addWidget(self.objects)
         more = QHBoxLayout()
         self.clear_button = QPushButton("Clear object")
-        self.clear_button.clicked.connect(self.clear_object)
+        self.clear_button.clicked.connect(lambda: self.clear_object())
         self.reset_button = QPushButton("Reset")
         self.reset_button.clicked.connect(self.reset)
-        more.addWidget(self.clear_button)
-        more.addWidget(self.reset_button)
-        layout.addLayout(more)
-        more2 = QHBoxLayout()
         self.tracks_button = QPushButton("Tracks layer")
         self.tracks_button.clicked.connect(self.make_tracks)
         self.export_button = QPushButton("Export...")
         self.export_button.clicked.connect(self._export_dialog)
-        more2.addWidget(self.tracks_button)
-        more2.addWidget(self.export_button)
-        layout.addLayout(more2)
+        for b in (self.clear_button, self.reset_button, self.tracks_button, self.export_button):
+            more.addWidget(b)
+        layout.addLayout(more)
         self.status = QLabel("")
         self.status.setWordWrap(True)
         layout.addWidget(self.status)
         layout.addStretch(1)
+        self._show_mode()
 
     def _mark_cached(self) -> None:
         from .checkpoints import is_cached
@@ -236,28 +267,46 @@ class SAM2Widget(QWidget):
         if path:
             self.checkpoint_edit.setText(path)
 
-    def _image_layers(self) -> list:
+    # ================================================================== layers
+    def _image_choices(self, *_):
         from napari.layers import Image
 
-        return [lyr for lyr in self.viewer.layers if isinstance(lyr, Image)]
+        return [(lyr.name, lyr) for lyr in self.viewer.layers if isinstance(lyr, Image)]
 
     def _refresh_layers(self, event=None) -> None:
-        current = self.image_combo.currentText()
-        names = [lyr.name for lyr in self._image_layers()]
-        self.image_combo.blockSignals(True)
-        self.image_combo.clear()
-        self.image_combo.addItems(names)
-        if current in names:
-            self.image_combo.setCurrentIndex(names.index(current))
-        self.image_combo.blockSignals(False)
+        self.image_choice.reset_choices()
+        layers = [c for c in self.image_choice.choices if c is not None]
+        if self.image_choice.value is None and layers:
+            self.image_choice.value = layers[0]
         self._image_changed()
+
+    def _layer_removed(self, event=None) -> None:
+        view = self.annotator.view
+        if view is not None and view.layer not in self.viewer.layers:
+            if self.annotator.busy:
+                _notify_info(f"SAM2: image layer '{view.name}' was removed; the work on it was stopped.")
+            self.annotator.stop(f"image layer '{view.name}' was removed")
+        self._refresh_layers()
+
+    def _image_data_changed(self, event=None) -> None:
+        view = self.annotator.view
+        if view is not None and event is not None and getattr(event, "source", None) is view.layer:
+            self.annotator.stop(f"the data of image layer '{view.name}' was replaced")
+            self._refresh_layers()
+
+    @property
+    def image_layer(self):
+        return self.image_choice.value
 
     def _image_changed(self, *args) -> None:
         layer = self.image_layer
         self.axis_combo.clear()
         if layer is None:
             return
-        data = layer.data[0] if layer.multiscale else layer.data
+        if layer not in self._connected:
+            layer.events.data.connect(self._image_data_changed)
+            self._connected.add(layer)
+        data = layer_array(layer)
         lead = data.ndim - (3 if layer.rgb else 2)
         for d in range(lead):
             self.axis_combo.addItem(f"axis {d} ({data.shape[d]})", d)
@@ -266,14 +315,6 @@ class SAM2Widget(QWidget):
             spin.setRange(0, max(n - 1, 0))
         self.start_spin.setValue(0)
         self.end_spin.setValue(max(n - 1, 0))
-
-    @property
-    def image_layer(self):
-        name = self.image_combo.currentText()
-        for lyr in self._image_layers():
-            if lyr.name == name:
-                return lyr
-        return None
 
     def _layer(self, name: str):
         return self.viewer.layers[name] if name in self.viewer.layers else None
@@ -299,63 +340,75 @@ class SAM2Widget(QWidget):
         kind = "positive (object)" if self.positive else "negative (background)"
         self.mode_label.setText(f"Object {self.obj_id}: new clicks are {kind}; 't' toggles")
 
-    # ------------------------------------------------------------------ session
-    def _current_session(self, create: bool = True) -> _Session | None:
+    # ================================================================== the video in view
+    def current_view(self, tell: bool = True) -> StackView | None:
+        """The video to segment (the chosen image, axis and the slice in view of the other axes)."""
         layer = self.image_layer
         if layer is None:
-            if create:
-                _notify_error("no image layer: open a time-lapse (or a 3D stack) first, then choose it as 'Image'.")
+            if tell:
+                _notify_error("no image layer: open a time-lapse (or a 3D stack, or an image) first, then choose it "
+                              "as 'Image'.")
             return None
-        data = layer.data[0] if layer.multiscale else layer.data
+        data = layer_array(layer)
         lead = data.ndim - (3 if layer.rgb else 2)
-        if lead < 1:
-            if create:
-                _notify_error(f"image '{layer.name}' is a single 2D frame: SAM2 video segmentation needs a "
-                              "(T, Y, X) time-lapse or a 3D stack.")
-            return None
         axis = self.axis_combo.currentData()
         axis = 0 if axis is None else int(axis)
         step = self.viewer.dims.current_step
-        offset = self.viewer.dims.ndim - data.ndim
+        offset = self.viewer.dims.ndim - (lead + 2)  # the viewer's extra leading dims (an RGB axis is not one)
         fixed = {d: int(step[d + offset]) for d in range(lead) if d != axis}
-        s = self._session
-        if s is not None and s.layer is layer and s.axis == axis and s.fixed == fixed:
-            return s
-        if not create:
-            return None
-        self._session = _Session(layer, axis, fixed)
-        self._applied = {}
-        return self._session
+        view = StackView(layer, axis, fixed)
+        if view.same_as(self.annotator.view):
+            return self.annotator.view
+        return view
+
+    def _use_view(self) -> StackView | None:
+        view = self.current_view()
+        if view is not None:
+            self.annotator.choose_model(self.model_choice())
+            self.annotator.show(view)
+        return view
+
+    def current_frame(self) -> int:
+        view = self.annotator.view or self.current_view(tell=False)
+        if view is None or not view.lead:
+            return 0
+        offset = self.viewer.dims.ndim - view.ndim
+        return int(self.viewer.dims.current_step[view.axis + offset])
+
+    def model_choice(self) -> ModelChoice:
+        return ModelChoice(self.model_combo.currentData(), self.checkpoint_edit.text().strip() or None,
+                           self.device_combo.currentText(), int(self.size_spin.value()),
+                           self.precision_combo.currentText())
 
     def ensure_layers(self) -> bool:
         """Create the prompt layers and the masklets layer if missing (True when ready)."""
-        session = self._current_session()
-        if session is None:
+        view = self._use_view()
+        if view is None:
             return False
-        layer = session.layer
-        geometry = {"scale": layer.scale[: len(session.labels_shape)], "translate": layer.translate[: len(session.labels_shape)]}
-        ndim = len(session.labels_shape)
+        geometry = view.geometry()
         labels = self.labels_layer
-        if labels is None or tuple(labels.data.shape) != session.labels_shape:
+        if labels is None or tuple(labels.data.shape) != view.labels_shape:
             if labels is not None:
                 self.viewer.layers.remove(labels)
-            labels = self.viewer.add_labels(np.zeros(session.labels_shape, dtype=np.uint32), name=LABELS_NAME, opacity=0.5, **geometry)
+            labels = self.viewer.add_labels(np.zeros(view.labels_shape, dtype=np.uint32), name=LABELS_NAME,
+                                            opacity=0.5, **geometry)
             labels.selected_label = 1
         for old in (self.points_layer, self.boxes_layer):
-            if old is not None and old.ndim != ndim:  # made for another image
+            if old is not None and old.ndim != view.ndim:  # made for another image
                 self.viewer.layers.remove(old)
+        size = max(4, min(view.height, view.width) / 25)
         if self.points_layer is None:
             pts = self.viewer.add_points(
-                np.zeros((0, ndim)), name=POINTS_NAME, ndim=ndim, size=max(4, min(session.height, session.width) / 25),
+                np.zeros((0, view.ndim)), name=POINTS_NAME, ndim=view.ndim, size=size,
                 features={"obj_id": np.zeros(0, dtype=int), "positive": np.zeros(0, dtype=bool)},
                 face_color=POSITIVE_COLOR, border_color="white", **geometry,
             )
             pts.mode = "add"
         if self.boxes_layer is None:
             self.viewer.add_shapes(
-                None, ndim=ndim, name=BOXES_NAME, shape_type="rectangle", edge_color="yellow", face_color="transparent",
-                edge_width=max(1, min(session.height, session.width) / 200), features={"obj_id": np.zeros(0, dtype=int)},
-                **geometry,
+                None, ndim=view.ndim, name=BOXES_NAME, shape_type="rectangle", edge_color="yellow",
+                face_color="transparent", edge_width=max(1, min(view.height, view.width) / 200),
+                features={"obj_id": np.zeros(0, dtype=int)}, **geometry,
             )
         self._connect(labels, self.points_layer, self.boxes_layer)
         self._label_changed()
@@ -382,6 +435,7 @@ class SAM2Widget(QWidget):
             self.points_layer.feature_defaults = {"obj_id": obj, "positive": self.positive}
         if self.boxes_layer is not None:
             self.boxes_layer.feature_defaults = {"obj_id": obj}
+        self.objects.select(obj)
         self._show_mode()
 
     def toggle_positive(self) -> None:
@@ -393,342 +447,253 @@ class SAM2Widget(QWidget):
             pts.current_face_color = POSITIVE_COLOR if self.positive else NEGATIVE_COLOR
         self._show_mode()
 
-    def predictor(self):
-        """The video predictor for the chosen model, device and size (built once, then reused)."""
-        name = self.model_combo.currentData()
-        ckpt = self.checkpoint_edit.text().strip() or None
-        key = (name, ckpt, self.device_combo.currentText(), int(self.size_spin.value()),
-               self.precision_combo.currentText())
-        if self._predictor is not None and key == self._predictor_key:
-            return self._predictor
-        from .build import build_model, resolve_device
-        from .predictor.video import VideoPredictor
-
-        self.status.setText(f"loading {name} ...")
+    # ================================================================== asking for work
+    def _ask(self, what: str, make) -> Task | None:
         try:
-            device = resolve_device(key[2])
-        except Exception as exc:
-            _notify_error(f"device '{key[2]}' cannot be used: {exc}")
-            self.status.setText("model not loaded")
-            return None
-        try:
-            model = build_model(name, checkpoint=ckpt, device=device, image_size=key[3], precision=key[4])
-        except Exception as exc:  # bad file, wrong model, no network, no CUDA...
-            reason = str(exc).strip() or type(exc).__name__
-            what = f"'{ckpt}'" if ckpt else f"the {name} weights"
-            _notify_error(f"could not load {what}: {reason}; choose the checkpoint of {name} or another model")
-            self.status.setText("model not loaded")
-            return None
-        self._predictor = VideoPredictor(model, add_all_frames_to_correct_as_cond=True)
-        self._predictor_key = key
-        self.status.setText(f"{name} loaded on {model.device} in {model.precision}")
-        self._mark_cached()
-        return self._predictor
-
-    def _state(self):
-        """(predictor, session) with the session's state opened on the current predictor."""
-        session = self._current_session()
-        if session is None:
-            return None, None
-        predictor = self.predictor()
-        if predictor is None:
-            return None, None
-        if session.state is None or session.predictor_key != self._predictor_key:
-            try:
-                axes = "TYXC" if session.rgb else "TYX"
-                session.state = predictor.init_state(session.video, axes=axes)
-            except Exception as exc:
-                _notify_error(f"could not read image '{session.layer.name}': {exc}")
-                return None, None
-            session.predictor_key = self._predictor_key
-            self._applied = {}
-        return predictor, session
-
-    # ------------------------------------------------------------------ prompts
-    def _collect_prompts(self, session: _Session) -> dict[tuple[int, int], dict]:
-        """(t, obj) -> {"points": [(y, x)...], "positive": [...], "box": (y0, x0, y1, x1) or None}."""
-        prompts: dict[tuple[int, int], dict] = {}
-        ya, xa = session.lead, session.lead + 1
-        pts = self.points_layer
-        if pts is not None and len(pts.data):
-            ids = pts.features["obj_id"].to_numpy() if "obj_id" in pts.features else np.ones(len(pts.data), int)
-            pos = pts.features["positive"].to_numpy() if "positive" in pts.features else np.ones(len(pts.data), bool)
-            for coord, obj, p in zip(pts.data, ids, pos):
-                t = session.frame_of(coord)
-                if t is None:
-                    continue
-                entry = prompts.setdefault((t, int(obj)), {"points": [], "positive": [], "box": None})
-                entry["points"].append((float(coord[ya]), float(coord[xa])))
-                entry["positive"].append(bool(p))
-        shp = self.boxes_layer
-        if shp is not None and len(shp.data):
-            ids = shp.features["obj_id"].to_numpy() if "obj_id" in shp.features else np.ones(len(shp.data), int)
-            for corners, obj in zip(shp.data, ids):
-                corners = np.asarray(corners)
-                t = session.frame_of(corners[0])
-                if t is None:
-                    continue
-                entry = prompts.setdefault((t, int(obj)), {"points": [], "positive": [], "box": None})
-                entry["box"] = (corners[:, ya].min(), corners[:, xa].min(), corners[:, ya].max(), corners[:, xa].max())
-        return prompts
-
-    @staticmethod
-    def _signature(entry: dict) -> tuple:
-        box = None if entry["box"] is None else tuple(round(float(v), 3) for v in entry["box"])
-        return tuple((round(y, 3), round(x, 3), p) for (y, x), p in zip(entry["points"], entry["positive"])), box
+            return make()
+        except AnnotatorError as exc:
+            _notify_error(str(exc))
+        except ValueError as exc:
+            _notify_error(f"{what}: {exc}")
+        return None
 
     def _prompts_changed(self, event=None) -> None:
         action = getattr(event, "action", None)
         if action is not None and str(getattr(action, "value", action)) in ("adding", "removing", "changing"):
             return
         pts = self.points_layer
-        if pts is not None and len(pts.data):
+        if pts is not None and len(pts.data) and not self._updating:
             pos = pts.features["positive"].to_numpy() if "positive" in pts.features else np.ones(len(pts.data), bool)
-            colors = [POSITIVE_COLOR if p else NEGATIVE_COLOR for p in pos]
-            if not self._updating:
-                self._updating = True
-                try:
-                    pts.face_color = colors
-                finally:
-                    self._updating = False
-        if self._worker is not None:
-            self._pending = True  # applied when the propagation ends
-            return
+            self._updating = True
+            try:
+                pts.face_color = [POSITIVE_COLOR if p else NEGATIVE_COLOR for p in pos]
+            finally:
+                self._updating = False
         self.apply_prompts()
 
-    def apply_prompts(self) -> None:
-        """Send new or changed prompts to the predictor and show their frames' masks at once."""
-        session = self._current_session(create=False) or self._current_session()
-        if session is None:
-            return
-        prompts = self._collect_prompts(session)
-        changed = {k for k, v in prompts.items() if self._applied.get(k) != self._signature(v)}
-        removed = set(self._applied) - set(prompts)
-        if not changed and not removed:
-            return
-        predictor, session = self._state()
-        if predictor is None:
-            return
-        # a new model or image session starts empty: every prompt is new to it
-        changed = {k for k, v in prompts.items() if self._applied.get(k) != self._signature(v)}
-        removed = set(self._applied) - set(prompts)
-        state = session.state
-        frames: dict[int, Any] = {}
-        for t, obj in sorted(removed):
-            self._applied.pop((t, obj), None)
-            if obj in state.obj_ids:
-                still = any(o == obj for (_, o) in prompts)
-                try:
-                    if still:
-                        out = predictor.clear_all_prompts_in_frame(state, t, obj)
-                        frames[t] = out
-                    else:
-                        predictor.remove_object(state, obj)
-                        self._erase_label(session, obj, t)
-                except Exception as exc:
-                    _notify_error(f"could not remove the prompts of object {obj} on frame {t}: {exc}")
-        from .prompts import Prompt, clip_box, clip_points
-
-        for t, obj in sorted(changed):
-            entry = prompts[(t, obj)]
-            p = Prompt(t=t, obj_id=obj, points=np.asarray(entry["points"], dtype=float).reshape(-1, 2),
-                       positive=np.asarray(entry["positive"], dtype=bool), box=entry["box"])
-            pts_xy = p.xy_points()
-            labels = None
-            if pts_xy is not None:
-                pts_xy = clip_points(pts_xy, session.height, session.width)
-                labels = p.positive.astype(np.int32)
-            box = p.xyxy_box()
-            if box is not None:
-                box = clip_box(box, session.height, session.width)
-            try:
-                frames[t] = predictor.add_new_points_or_box(state, frame_idx=t, obj_id=obj, points=pts_xy, labels=labels, box=box)
-            except Exception as exc:
-                _notify_error(f"prompt for object {obj} on frame {t} not used: {exc}")
-                continue
-            self._applied[(t, obj)] = self._signature(entry)
-        for t, out in frames.items():
-            if out is not None:
-                _, ids, logits = out
-                self._write_frame(t, self._to_labels(logits, ids))
-
-    @staticmethod
-    def _to_labels(logits, obj_ids) -> np.ndarray:
-        from .labels import logits_to_labels
-
-        return logits_to_labels(logits, obj_ids)
-
-    def _write_frame(self, t: int, frame: np.ndarray) -> None:
-        session, labels = self._session, self.labels_layer
-        if session is None or labels is None:
-            return
-        labels.data[session.frame_index(t)] = frame
-        labels.refresh()
-
-    def _erase_label(self, session: _Session, obj: int, t: int | None = None) -> None:
-        labels = self.labels_layer
-        if labels is None:
-            return
-        video = session.labels_video(labels.data)
-        video[video == obj] = 0
-        labels.refresh()
-
-    # ------------------------------------------------------------------ propagation
-    def propagate(self, direction: str | None = None, start: int | None = None, end: int | None = None):
-        """Track every object through frames ``start..end`` in a worker thread; returns the worker."""
-        if self._worker is not None:
-            _notify_info("a propagation is running: wait for it or press Cancel")
+    def apply_prompts(self) -> Task | None:
+        """Hand the layers' prompts to the annotator; their frames' masks come when the worker has them."""
+        if self._use_view() is None:
             return None
+        return self.annotator.sync(self.points_layer, self.boxes_layer)
+
+    def load_model(self) -> Task | None:
+        self.annotator.choose_model(self.model_choice())
+        return self._ask("load", self.annotator.load)
+
+    def use_painted_mask(self) -> Task | None:
+        """The selected label as painted on the frame in view becomes that object's mask prompt."""
+        if not self.ensure_layers():
+            return None
+        view, t, obj = self.annotator.view, self.current_frame(), self.obj_id
+        mask = np.asarray(view.labels_video(self.labels_layer.data)[t]) == obj
+        return self._ask("mask prompt", lambda: self.annotator.use_mask(t, obj, mask))
+
+    def segment_all(self, t: int | None = None, auto: dict | None = None) -> Task | None:
+        """One object per cell the automatic mask generator finds on the frame in view."""
+        if not self.ensure_layers():
+            return None
+        t = self.current_frame() if t is None else int(t)
+        auto = {"points_per_side": int(self.points_spin.value())} if auto is None else auto
+        frame = np.asarray(self.annotator.view.labels_video(self.labels_layer.data)[t])
+        return self._ask("segment all", lambda: self.annotator.segment_all(t, auto, frame))
+
+    def lineage_options(self) -> LineageOptions:
+        return LineageOptions(self.new_every_spin.value() if self.new_cells_check.isChecked() else None,
+                              self.divisions_check.isChecked())
+
+    def _range(self, start, end) -> tuple[int, int]:
+        lo = self.start_spin.value() if start is None else int(start)
+        hi = self.end_spin.value() if end is None else int(end)
+        return min(lo, hi), max(lo, hi)
+
+    def propagate(self, direction: str | None = None, start: int | None = None, end: int | None = None) -> Task | None:
+        """Track every object through frames ``start..end`` in the worker; returns its task."""
         if not self.ensure_layers():
             return None
         self.apply_prompts()
-        predictor, session = self._state()
-        if predictor is None:
-            return None
-        if not session.state.obj_ids:
-            _notify_error("no prompt yet: click an object in 'SAM2 points' (or draw a box in 'SAM2 boxes') first.")
-            return None
+        lo, hi = self._range(start, end)
         direction = direction or self.direction_combo.currentText()
-        lo = self.start_spin.value() if start is None else int(start)
-        hi = self.end_spin.value() if end is None else int(end)
-        lo, hi = max(0, min(lo, hi)), min(session.n_frames - 1, max(lo, hi))
-        from napari.qt.threading import thread_worker
+        return self._ask("propagate", lambda: self.annotator.propagate(direction, lo, hi, self.lineage_options()))
 
-        passes = plan_passes(direction, [t for (t, _) in self._applied], lo, hi)
-        total = sum(p.frames for p in passes)
-
-        state = session.state
-        to_labels = self._to_labels
-
-        @thread_worker(start_thread=False)
-        def run():
-            for t, ids, logits in run_passes(predictor, state, passes):
-                yield int(t), to_labels(logits, ids)
-
-        worker = run()
-        self._worker = worker
-        self._done = 0
-        self.progress.setRange(0, max(total, 1))
-        self.progress.setValue(0)
-        worker.yielded.connect(self._on_frame)
-        worker.errored.connect(self._on_error)
-        worker.finished.connect(self._on_finished)
-        self.propagate_button.setEnabled(False)
-        self.cancel_button.setEnabled(True)
-        self.status.setText(f"propagating {direction} over frames {lo}..{hi}")
-        worker.start()
-        return worker
-
-    def _on_frame(self, item) -> None:
-        t, frame = item
-        self._write_frame(t, frame)
-        self._done += 1
-        self.progress.setValue(min(self._done, self.progress.maximum()))
-
-    def _on_error(self, exc) -> None:
-        _notify_error(f"propagation stopped: {exc}")
-
-    def _on_finished(self) -> None:
-        self._worker = None
-        self.propagate_button.setEnabled(True)
-        self.cancel_button.setEnabled(False)
-        self.status.setText(f"{self._done} frames written")
-        if self._pending:
-            self._pending = False
-            self.apply_prompts()
+    def precompute(self, start: int | None = None, end: int | None = None) -> Task | None:
+        """Encode frames ``start..end`` into the feature cache in the worker."""
+        if self._use_view() is None:
+            return None
+        lo, hi = self._range(start, end)
+        return self._ask("precompute", lambda: self.annotator.precompute(lo, hi))
 
     def cancel(self) -> None:
-        """Stop the propagation after the frame being computed."""
-        if self._worker is not None:
-            self._worker.quit()
+        """Stop the running task after its current step, and drop the waiting ones."""
+        if self.annotator.cancel():
             self.status.setText("cancelling ...")
 
-    # ------------------------------------------------------------------ editing
-    def clear_object(self, obj_id: int | None = None) -> None:
+    def clear_object(self, obj_id: int | None = None) -> Task | None:
         """Remove one object (default: the selected label): its prompts, its session and its masks."""
         obj = self.obj_id if obj_id is None else int(obj_id)
-        if self._worker is not None:
-            _notify_info("cancel the propagation first")
-            return
-        session = self._session
-        for layer in (self.points_layer, self.boxes_layer):
-            if layer is not None and len(layer.data) and "obj_id" in layer.features:
-                keep = layer.features["obj_id"].to_numpy() != obj
-                if not keep.all():
-                    layer.selected_data = set(np.flatnonzero(~keep).tolist())
-                    layer.remove_selected()
-        if session is not None and session.state is not None and obj in session.state.obj_ids:
-            self._predictor.remove_object(session.state, obj)
-        self._applied = {k: v for k, v in self._applied.items() if k[1] != obj}
-        if session is not None:
-            self._erase_label(session, obj)
+        self._remove_prompts(lambda ids: ids == obj)
+        return self._ask("clear", lambda: self.annotator.remove_object(obj))
 
-    def reset(self) -> None:
+    def reset(self) -> Task | None:
         """Remove every prompt, object and mask."""
-        if self._worker is not None:
-            _notify_info("cancel the propagation first")
-            return
-        session = self._session
-        self._applied = {}
+        self._remove_prompts(lambda ids: np.ones(len(ids), bool))
+        return self._ask("reset", self.annotator.reset)
+
+    def _remove_prompts(self, which) -> None:
         for layer in (self.points_layer, self.boxes_layer):
             if layer is not None and len(layer.data):
-                layer.selected_data = set(range(len(layer.data)))
-                layer.remove_selected()
-        self._applied = {}
-        if session is not None and session.state is not None and self._predictor is not None:
-            self._predictor.reset_state(session.state)
-        labels = self.labels_layer
-        if labels is not None:
-            labels.data[...] = 0
-            labels.refresh()
+                ids = layer.features["obj_id"].to_numpy() if "obj_id" in layer.features else np.ones(len(layer.data), int)
+                drop = np.asarray(which(ids), bool)
+                if drop.any():
+                    layer.selected_data = set(np.flatnonzero(drop).tolist())
+                    layer.remove_selected()
 
-    # ------------------------------------------------------------------ outputs
+    # ================================================================== outputs
     def _labels_video(self):
-        labels, session = self.labels_layer, self._session
-        if labels is None or session is None:
+        labels, view = self.labels_layer, self.annotator.view
+        if labels is None or view is None:
             return None
-        return session.labels_video(labels.data)
+        return view.labels_video(labels.data)
 
-    def make_tracks(self):
-        """A Tracks layer (track id = object id) from the masklets' centroids."""
-        from .tracking import napari_tracks, tracks_table
-
+    def make_tracks(self) -> Task | None:
+        """A Tracks layer (track id = object id, lineage as its graph) from the masklets, made in the worker."""
         video = self._labels_video()
         if video is None:
             _notify_error("no masklets yet: add prompts and propagate first.")
             return None
-        data = napari_tracks(tracks_table(video))
+        view, parents = self.annotator.view, dict(self.annotator.parents)
+        snapshot = np.array(video, copy=True)
+
+        def compute(task):
+            from .tracking import add_parents, napari_tracks, tracks_graph, tracks_table
+
+            table = add_parents(tracks_table(snapshot), parents)
+            data, graph = napari_tracks(table), tracks_graph(table)
+            self._gui.post(lambda: self._show_tracks(view, data, graph))
+
+        return self._ask("tracks", lambda: self.annotator.queue.submit(Task("tracks layer", compute)))
+
+    def _show_tracks(self, view: StackView, data, graph) -> None:
         if len(data) == 0:
             _notify_error("the masklets are empty: nothing to track.")
-            return None
+            return
         if TRACKS_NAME in self.viewer.layers:
             self.viewer.layers.remove(TRACKS_NAME)
-        scale = self.labels_layer.scale
-        session = self._session
-        tscale = [scale[session.axis], scale[session.lead], scale[session.lead + 1]]
-        return self.viewer.add_tracks(data, name=TRACKS_NAME, scale=tscale, tail_length=10)
+        geometry = view.geometry()
+        keep = [view.axis if view.lead else 0, view.lead, view.lead + 1] if view.lead else None
+        kwargs = {}
+        if keep is not None:
+            kwargs = {k: [v[i] for i in keep] for k, v in geometry.items()}
+        self.viewer.add_tracks(data, graph=graph, name=TRACKS_NAME, tail_length=10, **kwargs)
 
-    def export(self, path, fmt: str | None = None) -> Path | None:
-        """Write the masklets as OME-Zarr (``.zarr``), TIFF (``.tif``) or a CTC folder (anything else / ``fmt='ctc'``)."""
+    def export(self, path, fmt: str | None = None) -> Task | None:
+        """Write the masklets as OME-Zarr (``.zarr``), TIFF (``.tif``) or a CTC folder, in the worker."""
         video = self._labels_video()
         if video is None:
             _notify_error("no masklets to export: add prompts and propagate first.")
             return None
-        path = Path(path)
-        from .label_formats import write_labels
-
-        try:
-            write_labels(path, video, fmt, overwrite=True)
-        except Exception as exc:
-            _notify_error(f"could not export to '{path}': {exc}")
-            return None
-        self.status.setText(f"exported {path}")
-        return path
+        return self._ask("export", lambda: self.annotator.export(Path(path), fmt, video))
 
     def _export_dialog(self) -> None:
         filters = "OME-Zarr (*.ome.zarr);;TIFF (*.tif);;Cell Tracking Challenge folder (*_RES)"
         path, chosen = QFileDialog.getSaveFileName(self, "Export masklets", "masklets.ome.zarr", filters)
-        if not path:
+        if path:
+            self.export(path, "zarr" if chosen.startswith("OME") else "tiff" if chosen.startswith("TIFF") else "ctc")
+
+    # ================================================================== what the annotator tells (GUI thread)
+    def show_frame(self, t: int, labels: np.ndarray) -> None:
+        layer, view = self.labels_layer, self.annotator.view
+        if layer is None or view is None:
             return
-        fmt = "ome-zarr" if chosen.startswith("OME") else "tiff" if chosen.startswith("TIFF") else "ctc"
-        self.export(path, fmt)
+        if tuple(layer.data.shape) != view.labels_shape:
+            return
+        layer.data[view.frame_index(t)] = labels
+        layer.refresh()
+
+    def erase_objects(self, obj_ids) -> None:
+        video = self._labels_video()
+        if video is None:
+            return
+        if obj_ids is None:
+            video[...] = 0
+        else:
+            video[np.isin(video, list(obj_ids))] = 0
+        self.labels_layer.refresh()
+
+    def show_status(self, text: str) -> None:
+        self.status.setText(text)
+
+    def model_ready(self, text: str) -> None:
+        self.status.setText(text)
+        self._mark_cached()
+
+    def show_objects(self, objects: list[ObjectInfo]) -> None:
+        self.objects.set_rows(objects)
+
+    def task_started(self, task: Task) -> None:
+        from napari.utils import progress
+
+        # napari's progress runs the event loop while it builds its bar, so the task's later messages
+        # (even its end) may arrive inside this call: keep a place, and close the bar if it ended
+        self._progress[task.number] = None
+        bar = progress(total=task.total or 0, desc=f"SAM2: {task.name}")
+        if task.number in self._progress:
+            self._progress[task.number] = bar
+        else:
+            bar.close()
+        self._show_work()
+
+    def task_progress(self, task: Task) -> None:
+        bar = self._progress.get(task.number)
+        if bar is not None:
+            if task.total is not None and bar.total != task.total:
+                bar.total = task.total
+            bar.update(task.done - bar.n)
+        if task.total:
+            self.progress.setRange(0, task.total)
+            self.progress.setValue(min(task.done, task.total))
+        self._show_work()
+
+    def task_finished(self, task: Task, outcome: str, error) -> None:
+        bar = self._progress.pop(task.number, None)
+        if bar is not None:
+            bar.close()
+
+        if outcome == "failed":
+            message = str(error) if isinstance(error, AnnotatorError) else f"{task.name} failed: {type(error).__name__}: {error}"
+            _notify_error(message)
+            self.status.setText(message)
+        elif outcome == "cancelled" and task.done and not self.status.text().startswith("stopped:"):
+            self.status.setText(f"{task.name}: cancelled after {task.done} of {task.total or '?'}; what was done is kept")
+        self._show_work()
+
+    def _show_work(self) -> None:
+        queue = self.annotator.queue
+        running, waiting = queue.running, queue.pending
+        busy = running is not None or bool(waiting)
+        self.cancel_button.setEnabled(busy)
+        parts = []
+        if running is not None:
+            parts.append(f"working: {running.name}" + (f" ({running.done}/{running.total})" if running.total else ""))
+        if waiting:
+            parts.append("waiting: " + ", ".join(t.name for t in waiting))
+        self.work_label.setText(" · ".join(parts))
+
+    # ================================================================== the object list
+    def _color_of(self, obj_id: int) -> tuple:
+        labels = self.labels_layer
+        if labels is None:
+            return (0.5, 0.5, 0.5, 1.0)
+        return tuple(float(c) for c in labels.colormap.map(np.array([obj_id]))[0])
+
+    def _select_object(self, obj_id: int) -> None:
+        labels = self.labels_layer
+        if labels is not None and labels.selected_label != obj_id:
+            labels.selected_label = obj_id
+
+    def _jump_to(self, t: int) -> None:
+        view = self.annotator.view
+        if view is None or not view.lead:
+            return
+        offset = self.viewer.dims.ndim - view.ndim
+        self.viewer.dims.set_current_step(view.axis + offset, int(t))

@@ -123,22 +123,12 @@ def open_video(stack: Any, axes: str | None = None, channel: int | None = None,
 
 def _seed_automatically(predictor: VideoPredictorLike, state, video: Stack, frame: int, auto: dict | None, rgb: bool) -> list[int]:
     """Seed objects on ``frame`` with the automatic mask generator; returns their ids (1..N)."""
-    from .predictor.amg import AutomaticMaskGenerator
+    from .predictor.seeding import FrameSeeder
 
-    params, max_objects = generator_parameters(auto)
-    if not rgb and params.get("intensity_range") is None:
-        params["intensity_range"] = state.intensity_range  # the stack's range, as the video predictor
-    generator = AutomaticMaskGenerator(predictor.model, **params)
-    image = video.data[frame]
-    image = np.asarray(image.compute() if hasattr(image, "compute") else image)
-    records = sorted(generator.generate(image), key=lambda r: -r["predicted_iou"])
-    if max_objects is not None:
-        records = records[:max_objects]
-    ids = []
-    for obj_id, record in enumerate(records, start=1):
-        predictor.add_new_mask(state, frame_idx=frame, obj_id=obj_id, mask=record["segmentation"])
-        ids.append(obj_id)
-    return ids
+    masks = FrameSeeder(predictor.model, auto, state.intensity_range, rgb=rgb)(video.data[frame])
+    for obj_id, mask in enumerate(masks, start=1):
+        predictor.add_new_mask(state, frame_idx=frame, obj_id=obj_id, mask=mask)
+    return list(range(1, len(masks) + 1))
 
 
 def _progress_bar(progress, total: int, desc: str):

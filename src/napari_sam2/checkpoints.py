@@ -30,7 +30,7 @@ import stat
 import tempfile
 import urllib.error
 import urllib.request
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -334,7 +334,8 @@ def _manual_hint(url: str, filename: str) -> str:
 # --------------------------------------------------------------------------------------
 
 
-def download_checkpoint(name: str, *, progress: bool = True, url: str | None = None) -> Path:
+def download_checkpoint(name: str, *, progress: bool = True, url: str | None = None,
+                        report: Callable[[int, int | None], None] | None = None) -> Path:
     """Download the checkpoint for ``name`` into :func:`cache_dir`.
 
     Always downloads (an existing file is replaced atomically); use
@@ -349,6 +350,9 @@ def download_checkpoint(name: str, *, progress: bool = True, url: str | None = N
     url : str, optional
         Download from here instead of :func:`checkpoint_url` (mirrors, tests). The
         registry's SHA-256 is still checked.
+    report : callable, optional
+        ``report(nbytes, total_bytes_or_None)`` after each chunk received (a GUI's progress bar);
+        an exception it raises stops the download and removes the partial file.
 
     Returns
     -------
@@ -382,7 +386,7 @@ def download_checkpoint(name: str, *, progress: bool = True, url: str | None = N
     tmp = Path(tmp_name)
     try:
         with os.fdopen(fd, "wb") as out:
-            digest = _fetch(url, out, progress=progress, entry=entry)
+            digest = _fetch(url, out, progress=progress, entry=entry, report=report)
         if entry.sha256 is not None and digest != entry.sha256:
             raise HashMismatchError(
                 f"The file downloaded from {url} is not the published {entry.name} checkpoint: "
@@ -405,7 +409,8 @@ def download_checkpoint(name: str, *, progress: bool = True, url: str | None = N
     return target
 
 
-def _fetch(url: str, out, *, progress: bool, entry: CheckpointEntry) -> str:
+def _fetch(url: str, out, *, progress: bool, entry: CheckpointEntry,
+           report: Callable[[int, int | None], None] | None = None) -> str:
     """Stream ``url`` into the open binary file ``out``; return the data's SHA-256."""
     from tqdm.auto import tqdm
 
@@ -437,6 +442,8 @@ def _fetch(url: str, out, *, progress: bool, entry: CheckpointEntry) -> str:
                     sha.update(chunk)
                     received += len(chunk)
                     bar.update(len(chunk))
+                    if report is not None:
+                        report(len(chunk), expected)
     except urllib.error.HTTPError as exc:
         raise fail(f"HTTP {exc.code} {exc.reason}") from exc
     except urllib.error.URLError as exc:
@@ -457,7 +464,8 @@ def _fetch(url: str, out, *, progress: bool, entry: CheckpointEntry) -> str:
 
 
 def resolve_checkpoint(
-    name: str, checkpoint: str | os.PathLike | None = None, download: bool = True
+    name: str, checkpoint: str | os.PathLike | None = None, download: bool = True,
+    report: Callable[[int, int | None], None] | None = None,
 ) -> Path:
     """The checkpoint file to use for ``name``.
 
@@ -469,6 +477,8 @@ def resolve_checkpoint(
         Use this file; it must exist. It is not hash-checked: it may be fine-tuned weights.
     download : bool
         Download the file if it is not found locally. If False, a missing file is an error.
+    report : callable, optional
+        Download progress, as in :func:`download_checkpoint` (then no bar is printed).
 
     Returns
     -------
@@ -497,7 +507,7 @@ def resolve_checkpoint(
             f"No {name} checkpoint found in {', '.join(map(str, search_paths()))} and "
             f"downloading is disabled. " + _manual_hint(checkpoint_url(name), entry.filename)
         )
-    return download_checkpoint(name)
+    return download_checkpoint(name, progress=report is None, report=report)
 
 
 # --------------------------------------------------------------------------------------

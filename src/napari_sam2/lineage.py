@@ -192,15 +192,11 @@ class LineageTracker:
         if self.new.mask_source is not None:
             return [np.asarray(m, bool) for m in self.new.mask_source(image, t)]
         if self._source is None:
-            from .predictor.amg import AutomaticMaskGenerator
-            from .predictor.generator_parameters import generator_parameters
+            from .predictor.seeding import FrameSeeder
 
-            params, _ = generator_parameters(self.new.generator)
-            if not self.rgb and params.get("intensity_range") is None:
-                params["intensity_range"] = getattr(self.state, "intensity_range", None)
-            self._source = AutomaticMaskGenerator(self.run.model, **params)
-        records = sorted(self._source.generate(image), key=lambda r: -r["predicted_iou"])
-        return [np.asarray(r["segmentation"], bool) for r in records]
+            self._source = FrameSeeder(self.run.model, self.new.generator,
+                                       getattr(self.state, "intensity_range", None), rgb=self.rgb)
+        return self._source(image)
 
     # ------------------------------------------------------------------ detection
     def find_new(self, t: int, frame: np.ndarray) -> list[np.ndarray]:

@@ -74,6 +74,10 @@ class MemoryFeatureCache:
             self._items.move_to_end(key)
             return self._items[key]
 
+    def contains(self, key: str) -> bool:
+        with self._lock:
+            return key in self._items
+
     def put(self, key: str, levels: Levels) -> None:
         size = sum(t.numel() * t.element_size() for t in levels)
         if size > self.max_bytes:
@@ -159,6 +163,12 @@ class DiskFeatureCache:
         except OSError:
             pass
         return levels
+
+    def contains(self, key: str) -> bool:
+        """Whether an entry exists (it is still checked when read)."""
+        if self._fallback is not None:
+            return self._fallback.contains(key)
+        return self._path(key).is_dir()
 
     @staticmethod
     def _read(path: Path, key: str) -> Levels | None:

@@ -59,6 +59,15 @@ class FrameFeatureSource:
     def in_ram(self) -> list[int]:
         return list(self._ram)
 
+    def ready(self, t: int) -> bool:
+        """Whether frame t's features are at hand (in RAM or in the cache): a prompt on it then runs
+        the decoder alone, without the image encoder."""
+        if t in self._ram:
+            return True
+        if self.cache is None:
+            return False
+        return self.cache.contains(frame_key(self.settings(), self.frames.raw(t)))
+
     # ---------------------------------------------------------------- one frame
     def _load(self, t: int, encode_here: bool, background: bool = False) -> tuple[str, FrameFeatures | np.ndarray, str | None]:
         """("features", f, key) from the cache (or encoded when ``encode_here``), else ("raw", frame, key).
