@@ -200,7 +200,6 @@ def test_viewer_closed_during_propagation_leaves_no_thread(make_napari_viewer, m
     viewer, widget = _widget(make_napari_viewer, movie, random_checkpoint)
     _paint(widget, 0, obj=1)
     settle(widget)
-    worker = widget.annotator.queue._thread
     closed = []
 
     def close(t):
@@ -210,11 +209,27 @@ def test_viewer_closed_during_propagation_leaves_no_thread(make_napari_viewer, m
 
     _frames_shown(widget, during=close)
     widget.propagate(direction="forward")
+    worker = widget.annotator.queue._thread
     from heartbeat import wait_for
 
     wait_for(lambda: bool(closed), timeout=60)
     wait_for(lambda: not worker.is_alive(), timeout=60)
-    assert not [t for t in threading.enumerate() if t.name.startswith("napari-sam2-worker")]
+    assert widget.annotator._closed and not widget.annotator.queue.alive and widget.annotator._state is None
+
+
+def test_an_idle_widget_holds_no_thread(make_napari_viewer, movie, random_checkpoint, monkeypatch):
+    from napari_sam2.annotator import tasks
+
+    monkeypatch.setattr(tasks, "IDLE_EXIT_S", 0.2)
+    viewer, widget = _widget(make_napari_viewer, movie, random_checkpoint)
+    _paint(widget, 0, obj=1)
+    settle(widget)
+    from heartbeat import wait_for
+
+    wait_for(lambda: not widget.annotator.queue.alive, timeout=30)  # a viewer left open costs no thread
+    _paint(widget, 2, obj=2)  # the next prompt starts one again
+    settle(widget)
+    assert sorted(widget.annotator._state.obj_ids) == [1, 2] and (widget.labels_layer.data[2] == 2).any()
 
 
 def test_2d_image_is_segmented_alone(make_napari_viewer, movie, random_checkpoint, errors):

@@ -19,6 +19,7 @@ from typing import Any, Protocol
 __all__ = ["Cancelled", "Task", "TaskListener", "TaskQueue"]
 
 Post = Callable[[Callable[[], None]], None]
+IDLE_EXIT_S = 5.0  # an idle worker thread ends after this long; the next task starts another
 
 
 class Cancelled(Exception):
@@ -72,18 +73,22 @@ class TaskListener(Protocol):
 
 
 class TaskQueue:
-    """Runs tasks one after another in a daemon thread; ``post`` delivers the listener's calls."""
+    """Runs tasks one after another in a daemon thread; ``post`` delivers the listener's calls.
+
+    The thread lives while there is work (and ``IDLE_EXIT_S`` after): a widget left idle, or whose
+    viewer went away without closing it, holds no thread.
+    """
 
     def __init__(self, post: Post, listener: TaskListener | None = None, name: str = "napari-sam2-worker"):
         self._post = post
         self.listener = listener
+        self.name = name
         self._queue: deque[Task] = deque()
         self._wake = threading.Condition()
         self._running: Task | None = None
         self._closed = False
         self._final: Callable[[], None] | None = None
-        self._thread = threading.Thread(target=self._loop, name=name, daemon=True)
-        self._thread.start()
+        self._thread: threading.Thread | None = None
 
     # ---------------------------------------------------------------- asking
     def submit(self, task: Task) -> Task:
@@ -96,6 +101,9 @@ class TaskQueue:
                 for old in [t for t in self._queue if t.key == task.key]:
                     self._queue.remove(old)
             self._queue.append(task)
+            if self._thread is None:
+                self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
+                self._thread.start()
             self._wake.notify()
         return task
 
@@ -145,15 +153,22 @@ class TaskQueue:
         self.cancel()
         with self._wake:
             self._closed = True
-            self._final = final
+            thread = self._thread
+            if thread is not None:
+                self._final = final
             self._wake.notify_all()
-        if threading.current_thread() is not self._thread:
-            self._thread.join(timeout)
-        return not self._thread.is_alive()
+        if thread is None:  # no thread at work: free here
+            if final is not None:
+                final()
+            return True
+        if threading.current_thread() is not thread:
+            thread.join(timeout)
+        return not thread.is_alive()
 
     @property
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        thread = self._thread
+        return thread is not None and thread.is_alive()
 
     # ---------------------------------------------------------------- the thread
     def _tell(self, what: str, task: Task, *args) -> None:
@@ -167,7 +182,9 @@ class TaskQueue:
         while True:
             with self._wake:
                 while not self._queue and not self._closed:
-                    self._wake.wait()
+                    if not self._wake.wait(IDLE_EXIT_S) and not self._queue and not self._closed:
+                        self._thread = None  # idle: the next submit starts a new thread
+                        return
                 if self._closed:
                     self._running = None
                     self._wake.notify_all()
