@@ -564,38 +564,35 @@ def test_a_prompt_during_propagation_is_applied_after_the_frame_in_flight(sessio
         np.testing.assert_array_equal(rec.frames[5][1] == 2, second)  # the pass went on with it
 
 
-def test_an_interrupted_pass_goes_on_to_the_end_of_its_range_only(session):
+def _interrupted_pass(session, first: int, after: int, prompt: int, *propagate) -> Task:
+    """Prompt object 1 with a mask on ``first``, then propagate; once ``after`` frames are shown and
+    frame 1 is among them, a mask for object 2 on frame ``prompt`` arrives."""
     annotator, rec = session
-    annotator.use_mask(0, 1, band(8, 24))
+    annotator.use_mask(first, 1, band(8, 24))
     settle(annotator)
     rec.frames.clear()
 
     def on_frame(t):
-        if t == 1 and len(rec.frames) == 2:
-            annotator.use_mask(4, 2, band(40, 56))  # a prompt beyond the range 0..3
+        if t == 1 and len(rec.frames) == after:
+            annotator.use_mask(prompt, 2, band(40, 56))
 
     rec.on_frame = on_frame
-    task = annotator.propagate("forward", 0, 3)
+    task = annotator.propagate(*propagate)
     settle(annotator)
     assert rec.finished[task] == ("done", None)
+    return task
+
+
+def test_an_interrupted_pass_goes_on_to_the_end_of_its_range_only(session):
+    _interrupted_pass(session, 0, 2, 4, "forward", 0, 3)  # a prompt beyond the range 0..3
+    rec = session[1]
     assert shown(rec) == [0, 1, 4, 2, 3]
     assert rec.progress[-1][1:] == (4, 4)
 
 
 def test_a_prompt_during_a_backward_propagation_does_not_skip_frame_0(session):
-    annotator, rec = session
-    annotator.use_mask(4, 1, band(8, 24))
-    settle(annotator)
-    rec.frames.clear()
-
-    def on_frame(t):
-        if t == 1 and len(rec.frames) == 4:
-            annotator.use_mask(3, 2, band(40, 56))
-
-    rec.on_frame = on_frame
-    task = annotator.propagate("backward", 0, 4)
-    settle(annotator)
-    assert rec.finished[task] == ("done", None)
+    _interrupted_pass(session, 4, 4, 3, "backward", 0, 4)
+    rec = session[1]
     assert shown(rec) == [4, 3, 2, 1, 3, 0]
     assert rec.progress[-1][1:] == (5, 5)
 

@@ -32,6 +32,7 @@ from qtpy.QtWidgets import (
 
 from ._object_table import ObjectTable
 from .annotator import Annotator, AnnotatorError, LineageOptions, ModelChoice, ObjectInfo, StackView, Task
+from .annotator.layer_prompts import feature_column
 from .annotator.stack_view import layer_array
 from .modeling.configs import DEFAULT_MODEL
 from .propagation import DIRECTIONS
@@ -463,7 +464,7 @@ class SAM2Widget(QWidget):
             return
         pts = self.points_layer
         if pts is not None and len(pts.data) and not self._updating:
-            pos = pts.features["positive"].to_numpy() if "positive" in pts.features else np.ones(len(pts.data), bool)
+            pos = feature_column(pts, "positive", True, len(pts.data))
             self._updating = True
             try:
                 pts.face_color = [POSITIVE_COLOR if p else NEGATIVE_COLOR for p in pos]
@@ -542,7 +543,7 @@ class SAM2Widget(QWidget):
     def _remove_prompts(self, which) -> None:
         for layer in (self.points_layer, self.boxes_layer):
             if layer is not None and len(layer.data):
-                ids = layer.features["obj_id"].to_numpy() if "obj_id" in layer.features else np.ones(len(layer.data), int)
+                ids = feature_column(layer, "obj_id", 1, len(layer.data))
                 drop = np.asarray(which(ids), bool)
                 if drop.any():
                     layer.selected_data = set(np.flatnonzero(drop).tolist())

@@ -219,13 +219,7 @@ class Annotator:
         task = Task(name, run, key=key)
         if self._closed:
             raise AnnotatorError("the widget was closed")
-        self.queue.submit(task)
-        if first:  # prompts jump the queue: the user is waiting for that mask
-            with self.queue._wake:
-                q = self.queue._queue
-                if task in q:
-                    q.remove(task)
-                    q.appendleft(task)
+        self.queue.submit(task, first=first)  # prompts go first: the user is waiting for that mask
         return task
 
     def _post_current(self, call: Callable[[], None]) -> None:

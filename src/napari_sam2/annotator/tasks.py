@@ -91,8 +91,9 @@ class TaskQueue:
         self._thread: threading.Thread | None = None
 
     # ---------------------------------------------------------------- asking
-    def submit(self, task: Task) -> Task:
-        """Queue ``task`` (replacing a queued task of the same key); returns it."""
+    def submit(self, task: Task, first: bool = False) -> Task:
+        """Queue ``task`` (replacing a queued task of the same key), ahead of the others if ``first``;
+        returns it."""
         task._queue = self
         with self._wake:
             if self._closed:
@@ -100,7 +101,10 @@ class TaskQueue:
             if task.key is not None:
                 for old in [t for t in self._queue if t.key == task.key]:
                     self._queue.remove(old)
-            self._queue.append(task)
+            if first:
+                self._queue.appendleft(task)
+            else:
+                self._queue.append(task)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._loop, name=self.name, daemon=True)
                 self._thread.start()
