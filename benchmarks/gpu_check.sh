@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # The GPU check (benchmarks/gpu_check.py): CUDA parity fp32 / bf16 and frames per second, ours beside the
-# reference, in one run of about 5 minutes on one H100/H200. Run from the repository root on the GPU machine:
+# reference, then fine-tuning clips per second and memory (benchmarks/bench_train.py), in one run of about
+# 5 minutes on one H100/H200 (at most 420 s + 120 s). Run from the repository root on the GPU machine:
 #     bash benchmarks/gpu_check.sh [gpu_check.py options]     (output also in $OUT/gpu_check.log when $OUT is set)
 # What the GPU machine lacks is installed from .whl/ when that folder exists (a machine with no network:
 # fill it beforehand with `bash benchmarks/gpu_wheels.sh` where PyPI is reachable), else from PyPI.
@@ -18,4 +19,9 @@ fi
 export PYTHONPATH=src:tests${PYTHONPATH:+:$PYTHONPATH}
 nvidia-smi --query-gpu=name,driver_version,memory.total --format=csv,noheader || true
 log=${OUT:-/tmp}/gpu_check.log
-timeout 540 $PY benchmarks/gpu_check.py "$@" 2>&1 | grep -v "propagate in video" | tee "$log"
+status=0
+timeout 420 $PY benchmarks/gpu_check.py "$@" 2>&1 | grep -v "propagate in video" | tee "$log" || status=$?
+# fine-tuning at the official 1024: frozen encoder / LoRA (skipped without peft) / full, 3 steps each
+echo | tee -a "$log"
+timeout 120 $PY benchmarks/bench_train.py --device cuda --image-size 1024 --steps 3 2>&1 | tee -a "$log" || status=$?
+exit $status

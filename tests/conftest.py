@@ -75,6 +75,27 @@ def _need_reference() -> None:
     pytest.skip(msg)
 
 
+def _need_reference_training() -> None:
+    """The reference's ``training`` package (loss, SAM2Train): shipped inside sam2==1.1.0, importable
+    once its own dependencies are there."""
+    _need_reference()
+    try:
+        import training.loss_fns  # noqa: F401
+        import training.model.sam2  # noqa: F401
+    except Exception as e:
+        msg = (f"the reference's training package is not importable ({type(e).__name__}: {e}). Install its "
+               "dependencies: pip install --no-deps tensordict pyvers orjson cloudpickle importlib_metadata "
+               "&& pip install tensorboard")
+        if _reference_required():
+            pytest.fail(f"{msg} [{REQUIRE_REFERENCE_ENV} is set: parity tests may not be skipped]", pytrace=False)
+        pytest.skip(msg)
+
+
+@pytest.fixture
+def require_reference_training():
+    _need_reference_training()
+
+
 # the suite's exact comparisons are fp32 on every machine; tests of bf16 ask for it by name
 os.environ["NAPARI_SAM2_PRECISION"] = "fp32"
 # never the user's feature cache, also in the CLIs the tests start (their environments copy this one)

@@ -286,6 +286,57 @@ def build_reference(
     return model
 
 
+# The prompt-simulation settings of sam2/configs/sam2.1_training/sam2.1_hiera_b+_MOSE_finetune.yaml.
+TRAINER_OVERRIDES = (
+    "++model._target_=training.model.sam2.SAM2Train",
+    "++model.prob_to_use_pt_input_for_train=0.5",
+    "++model.prob_to_use_box_input_for_train=0.5",
+    "++model.prob_to_sample_from_gt_for_train=0.1",
+    "++model.num_frames_to_correct_for_train=2",
+    "++model.rand_frames_to_correct_for_train=true",
+    "++model.add_all_frames_to_correct_as_cond=true",
+    "++model.num_init_cond_frames_for_train=2",
+    "++model.rand_init_cond_frames_for_train=true",
+    "++model.num_correction_pt_per_frame=7",
+)
+
+
+def build_reference_trainer(name: str, seed: int = 0, *, image_size: int | None = None,
+                            obj_score_bias: float = OBJ_SCORE_BIAS) -> torch.nn.Module:
+    """The reference's training model ``training.model.sam2.SAM2Train`` with the fine-tuning recipe's
+    prompt settings and seeded, perturbed weights (as :func:`build_reference`), in training mode
+    with every dropout off (so that its forward pass is deterministic and comparable).
+
+    Needs the reference's ``training`` package importable (see SAM2_FACTS: tensordict & co.)."""
+    from hydra.utils import instantiate
+
+    overrides = list(TRAINER_OVERRIDES)
+    if image_size is not None:
+        overrides.append(f"++model.image_size={int(image_size)}")
+    cfg = _compose(name, overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        model = instantiate(cfg.model, _recursive_=True)
+    model = model.to("cpu")
+    perturb_(model, seed)
+    if obj_score_bias:
+        _obj_score_head_bias(model).data.add_(float(obj_score_bias))
+    return dropout_off(model.train())
+
+
+def dropout_off(model: torch.nn.Module) -> torch.nn.Module:
+    """Every dropout (and drop-path) of a model in training mode set to 0: a deterministic forward pass,
+    for comparing the reference's and our training step (works on both)."""
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.p = 0.0
+        if hasattr(m, "dropout_p"):
+            m.dropout_p = 0.0
+        if hasattr(m, "drop_prob"):
+            m.drop_prob = 0.0
+    return model
+
+
 def save_official_checkpoint(model: torch.nn.Module, path: str | os.PathLike) -> Path:
     """Save ``{"model": model.state_dict()}`` (the official release layout) to ``path``.
 

@@ -19,6 +19,8 @@ _PUBLIC = {
     "AutomaticMaskGenerator": "napari_sam2.predictor.amg",
     "SAM2": "napari_sam2.modeling.sam2",
     "CONFIGS": "napari_sam2.modeling.configs",
+    "finetune": "napari_sam2.train.loop",
+    "open_training_data": "napari_sam2.train.data",
 }
 
 __all__ = list(_PUBLIC)

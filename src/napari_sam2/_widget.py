@@ -5,16 +5,18 @@ annotator sends back, and never runs heavy work itself. Click objects in "SAM2 p
 toggles positive / negative), draw rectangles in "SAM2 boxes", or paint a label in "SAM2 masklets"
 and use it as a mask prompt; the object is the label selected in "SAM2 masklets". Each prompt shows
 its frame's mask as soon as the worker has it; "Propagate" tracks all objects through the stack.
+"Fine-tune" trains the model on the corrected masklets and goes on with the new checkpoint.
 """
 
 from __future__ import annotations
 
+import re
 import weakref
 from pathlib import Path
 
 import numpy as np
 from magicgui.widgets import ComboBox
-from qtpy.QtCore import QObject, Signal, Slot
+from qtpy.QtCore import QObject, Qt, Signal, Slot
 from qtpy.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -26,6 +28,7 @@ from qtpy.QtWidgets import (
     QProgressBar,
     QPushButton,
     QSpinBox,
+    QToolButton,
     QVBoxLayout,
     QWidget,
 )
@@ -106,6 +109,7 @@ class SAM2Widget(QWidget):
         self._connected = weakref.WeakSet()
         self._updating = False
         self._progress: dict[int, object] = {}  # task number -> napari progress bar (activity area)
+        self.train_options: dict = {}  # more finetune() options for "Fine-tune" (scripts, tests: augment, val_every...)
         self._gui = _GuiThread()
         self.annotator = Annotator(self._gui.post, self)
         self._build_ui()
@@ -246,11 +250,85 @@ class SAM2Widget(QWidget):
         for b in (self.clear_button, self.reset_button, self.tracks_button, self.export_button):
             more.addWidget(b)
         layout.addLayout(more)
+        self._build_finetune(layout)
         self.status = QLabel("")
         self.status.setWordWrap(True)
         layout.addWidget(self.status)
         layout.addStretch(1)
         self._show_mode()
+
+    def _build_finetune(self, layout) -> None:
+        """The data-engine loop's last step, folded away until asked for: it is used now and then."""
+        self.finetune_toggle = QToolButton()
+        self.finetune_toggle.setText("Fine-tune")
+        self.finetune_toggle.setCheckable(True)
+        self.finetune_toggle.setToolButtonStyle(Qt.ToolButtonStyle.ToolButtonTextBesideIcon)
+        self.finetune_toggle.setArrowType(Qt.ArrowType.RightArrow)
+        self.finetune_toggle.setStyleSheet("QToolButton { border: none; }")
+        self.finetune_toggle.setToolTip("Train the model on corrected masklets; then it segments your cells better.")
+        layout.addWidget(self.finetune_toggle)
+        self.finetune_box = QWidget()
+        form = QFormLayout(self.finetune_box)
+        form.setContentsMargins(12, 0, 0, 0)
+        self.train_labels_choice = ComboBox(choices=self._labels_choices, nullable=True)
+        self.train_labels_choice.native.setToolTip("The corrected labels of the image (T x Y x X, 0 = background); "
+                                                   "every frame is taken as complete.")
+        form.addRow("Labels", self.train_labels_choice.native)
+        self.train_steps_spin = QSpinBox()
+        self.train_steps_spin.setRange(1, 1_000_000)
+        self.train_steps_spin.setValue(50)
+        self.train_steps_spin.setToolTip("Optimiser steps, one clip each")
+        self.train_frames_spin = QSpinBox()
+        self.train_frames_spin.setRange(1, 64)
+        self.train_frames_spin.setValue(8)
+        self.train_frames_spin.setToolTip("Frames per training clip (8 as SAM2 trains; fewer is faster and lighter)")
+        sizes = QHBoxLayout()
+        sizes.addWidget(self.train_steps_spin)
+        sizes.addWidget(QLabel("frames per clip"))
+        sizes.addWidget(self.train_frames_spin)
+        form.addRow("Steps", sizes)
+        row = QHBoxLayout()
+        self.train_out_edit = QLineEdit()
+        self.train_out_edit.setToolTip("The fine-tuned checkpoint; its log (.csv), curves (.png) and resumable state "
+                                       "(.train.pt) are written beside it.")
+        browse = QPushButton("...")
+        browse.setMaximumWidth(30)
+        browse.clicked.connect(self._browse_train_out)
+        row.addWidget(self.train_out_edit)
+        row.addWidget(browse)
+        form.addRow("Output", row)
+        self.train_button = QPushButton("Fine-tune")
+        self.train_button.setToolTip("Fine-tune the model (and checkpoint) above on the image and these labels, in "
+                                     "the background; Cancel stops it. Then the new checkpoint is used.")
+        self.train_button.clicked.connect(lambda: self.finetune())
+        form.addRow(self.train_button)
+        self.finetune_box.setVisible(False)
+        layout.addWidget(self.finetune_box)
+
+        def toggle(on: bool) -> None:
+            self.finetune_box.setVisible(on)
+            self.finetune_toggle.setArrowType(Qt.ArrowType.DownArrow if on else Qt.ArrowType.RightArrow)
+
+        self.finetune_toggle.toggled.connect(toggle)
+
+    def _browse_train_out(self) -> None:
+        start = self.train_out_edit.text().strip() or str(self.default_train_out())
+        path, _ = QFileDialog.getSaveFileName(self, "Fine-tuned checkpoint", start, "PyTorch checkpoint (*.pt)")
+        if path:
+            self.train_out_edit.setText(path)
+
+    def default_train_out(self) -> Path:
+        """``<image>_finetuned.pt`` beside the image's file (else in the current folder), numbered so that
+        no earlier checkpoint or run state is overwritten."""
+        layer = self.image_layer
+        source = getattr(getattr(layer, "source", None), "path", None) if layer is not None else None
+        folder = Path(source).parent if source else Path.cwd()
+        stem = re.sub(r"[^\w.-]+", "_", str(layer.name)).strip("._") if layer is not None else ""
+        stem = f"{stem or 'sam2'}_finetuned"
+        out, n = folder / f"{stem}.pt", 2
+        while out.exists() or out.with_suffix(".train.pt").exists():
+            out, n = folder / f"{stem}-{n}.pt", n + 1
+        return out
 
     def _mark_cached(self) -> None:
         from .checkpoints import is_cached
@@ -274,11 +352,24 @@ class SAM2Widget(QWidget):
 
         return [(lyr.name, lyr) for lyr in self.viewer.layers if isinstance(lyr, Image)]
 
+    def _labels_choices(self, *_):
+        from napari.layers import Labels
+
+        return [(lyr.name, lyr) for lyr in self.viewer.layers if isinstance(lyr, Labels)]
+
     def _refresh_layers(self, event=None) -> None:
         self.image_choice.reset_choices()
         layers = [c for c in self.image_choice.choices if c is not None]
         if self.image_choice.value is None and layers:
             self.image_choice.value = layers[0]
+        self.train_labels_choice.reset_choices()
+        inserted = getattr(event, "value", None)
+        if inserted is not None and inserted is self.labels_layer:
+            self.train_labels_choice.value = inserted  # the masklets are what one corrects and trains on
+        elif self.train_labels_choice.value is None:
+            labels = [c for c in self.train_labels_choice.choices if c is not None]
+            if labels:
+                self.train_labels_choice.value = self.labels_layer or labels[0]
         self._image_changed()
 
     def _layer_removed(self, event=None) -> None:
@@ -304,6 +395,7 @@ class SAM2Widget(QWidget):
         self.axis_combo.clear()
         if layer is None:
             return
+        self.train_out_edit.setPlaceholderText(str(self.default_train_out()))  # what an empty field means
         if layer not in self._connected:
             layer.events.data.connect(self._image_data_changed)
             self._connected.add(layer)
@@ -524,6 +616,23 @@ class SAM2Widget(QWidget):
         lo, hi = self._range(start, end)
         return self._ask("precompute", lambda: self.annotator.precompute(lo, hi))
 
+    def finetune(self, out=None, steps: int | None = None) -> Task | None:
+        """Fine-tune the model on the image and the chosen labels layer in the worker; on success the
+        session goes on with the new checkpoint. Output: ``out``, the field, or :meth:`default_train_out`."""
+        if self._use_view() is None:
+            return None
+        layer = self.train_labels_choice.value
+        if layer is None:
+            _notify_error("no Labels layer to fine-tune on: segment and correct some cells in 'SAM2 masklets' "
+                          "(or open your own labels) first.")
+            return None
+        path = out or self.train_out_edit.text().strip() or self.default_train_out()
+        steps = int(self.train_steps_spin.value()) if steps is None else int(steps)
+        frames = int(self.train_frames_spin.value())
+        data = layer_array(layer)  # a reference: the worker reads (and copies) it
+        return self._ask("fine-tune", lambda: self.annotator.train(data, path, steps=steps, num_frames=frames,
+                                                                   **self.train_options))
+
     def cancel(self) -> None:
         """Stop the running task after its current step, and drop the waiting ones."""
         if self.annotator.cancel():
@@ -628,6 +737,12 @@ class SAM2Widget(QWidget):
         self.status.setText(text)
         self._mark_cached()
 
+    def model_trained(self, checkpoint: str | None, text: str) -> None:
+        if checkpoint is not None:  # what the next prompt asks for is what the session now runs
+            self.checkpoint_edit.setText(checkpoint)
+        self.status.setText(text)
+        _notify_info(f"SAM2: {text}")
+
     def show_objects(self, objects: list[ObjectInfo]) -> None:
         self.objects.set_rows(objects)
 
@@ -649,6 +764,8 @@ class SAM2Widget(QWidget):
         if bar is not None:
             if task.total is not None and bar.total != task.total:
                 bar.total = task.total
+            if task.message:
+                bar.set_description(f"SAM2: {task.name}: {task.message}")
             bar.update(task.done - bar.n)
         if task.total:
             self.progress.setRange(0, task.total)
@@ -664,8 +781,9 @@ class SAM2Widget(QWidget):
             message = str(error) if isinstance(error, AnnotatorError) else f"{task.name} failed: {type(error).__name__}: {error}"
             _notify_error(message)
             self.status.setText(message)
-        elif outcome == "cancelled" and task.done and not self.status.text().startswith("stopped:"):
-            self.status.setText(f"{task.name}: cancelled after {task.done} of {task.total or '?'}; what was done is kept")
+        elif outcome == "cancelled" and (task.done or task.note) and not self.status.text().startswith("stopped:"):
+            self.status.setText(f"{task.name}: cancelled after {task.done} of {task.total or '?'}; "
+                                f"{task.note or 'what was done is kept'}")
         self._show_work()
 
     def _show_work(self) -> None:
@@ -675,7 +793,8 @@ class SAM2Widget(QWidget):
         self.cancel_button.setEnabled(busy)
         parts = []
         if running is not None:
-            parts.append(f"working: {running.name}" + (f" ({running.done}/{running.total})" if running.total else ""))
+            parts.append(f"working: {running.name}" + (f" ({running.done}/{running.total})" if running.total else "")
+                         + (f": {running.message}" if running.message else ""))
         if waiting:
             parts.append("waiting: " + ", ".join(t.name for t in waiting))
         self.work_label.setText(" · ".join(parts))

@@ -131,6 +131,10 @@ def build_parser() -> argparse.ArgumentParser:
     emb.add_argument("--threads", type=_positive_int, metavar="N", help="torch CPU threads")
     emb.add_argument("--no-progress", action="store_true", help="no progress bars")
 
+    from .train.command import add_parser as add_train_parser
+
+    add_train_parser(sub, _add_model_options)
+
     sub.add_parser("models", help="list the models: name, version, size, cached or not, path",
                    description="List the SAM2 models of the registry and whether their checkpoint is cached.")
     dl = sub.add_parser("download", help="download a model's official checkpoint",
@@ -140,12 +144,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def _add_model_and_plane_options(p: argparse.ArgumentParser) -> None:
-    """Which network, and which frames of the inputs it sees (shared by segment and embed)."""
+def _add_model_options(p: argparse.ArgumentParser) -> None:
+    """Which network, where and how precisely it runs (segment, embed, train)."""
     p.add_argument("--model", default=DEFAULT_MODEL, help="registry name (see `napari-sam2 models`; default %(default)s)")
     p.add_argument("--checkpoint", metavar="PATH", help="checkpoint file (default: the official one, downloaded once)")
     p.add_argument("--device", choices=("cpu", "cuda", "mps", "auto"), default="auto", help="default %(default)s: cuda > mps > cpu")
     p.add_argument("--image-size", type=int, metavar="N", help="network input size, a multiple of 64 (default 1024; smaller is faster)")
+    p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
+                   help="default %(default)s: bf16 on GPUs and CPUs that compute it natively (AMX, AVX-512 BF16), "
+                   "else fp32; fp32 gives the reference's numbers exactly")
+
+
+def _add_model_and_plane_options(p: argparse.ArgumentParser) -> None:
+    """Which network, and which frames of the inputs it sees (shared by segment and embed)."""
+    _add_model_options(p)
     _add_speed_options(p)
     p.add_argument("--axes", metavar="AXES", help="axes of the inputs, e.g. TYX, TCYX, YXT (default: from the file)")
     p.add_argument("--channel", type=_positive_int, metavar="N", help="channel to segment (multichannel stacks)")
@@ -157,9 +169,6 @@ def _add_model_and_plane_options(p: argparse.ArgumentParser) -> None:
 
 
 def _add_speed_options(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
-                        help="default %(default)s: bf16 on GPUs and CPUs that compute it natively (AMX, AVX-512 BF16), "
-                        "else fp32; fp32 gives the reference's numbers exactly")
     parser.add_argument("--features", metavar="DIR", help="feature cache folder, or 'off' (default: "
                         "$NAPARI_SAM2_FEATURES, else features/ in the cache folder; size cap $NAPARI_SAM2_FEATURES_GB, "
                         "default 20)")
@@ -474,6 +483,13 @@ def _evaluate(args: argparse.Namespace) -> int:
     return 0
 
 
+def _train(args: argparse.Namespace) -> int:
+    from .train.command import run
+
+    _show_model_log()
+    return run(args, _error)
+
+
 def _models(args: argparse.Namespace) -> int:
     from .checkpoints import REGISTRY, cache_dir, checkpoint_status
     from .modeling.configs import CONFIGS
@@ -533,7 +549,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = _terminate_like_interrupt()
     try:
         return {"segment": _segment, "embed": _embed, "evaluate": _evaluate, "models": _models,
-                "download": _download}[args.command](args)
+                "download": _download, "train": _train}[args.command](args)
     except KeyboardInterrupt as exc:
         # finally-blocks have removed the unfinished outputs and spill folders on the way out
         how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"

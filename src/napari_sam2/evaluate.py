@@ -18,11 +18,12 @@ Layouts::
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 
 import numpy as np
 import tifffile
+
+from .io.ctc import numbered_files
 
 __all__ = ["evaluate_ctc", "seg_score", "CTCLayoutError"]
 
@@ -31,18 +32,10 @@ class CTCLayoutError(ValueError):
     """A folder is not in the Cell Tracking Challenge layout, or result and ground truth disagree."""
 
 
-def _numbered(folder: Path, prefix: str) -> dict[int, Path]:
-    pattern = re.compile(rf"^{re.escape(prefix)}(\d+)\.tiff?$")
-    found = {}
-    for path in folder.iterdir() if folder.is_dir() else ():
-        m = pattern.match(path.name)
-        if m:
-            found[int(m.group(1))] = path
-    return found
 
 
 def _frames(folder: Path, prefix: str, what: str) -> dict[int, Path]:
-    frames = _numbered(folder, prefix)
+    frames = numbered_files(folder, prefix)
     if not frames:
         raise CTCLayoutError(f"{what} '{folder}' holds no {prefix}NNN.tif frames: not a Cell Tracking Challenge folder")
     numbers = sorted(frames)
@@ -72,7 +65,7 @@ def _check_layout(result_dir: Path, gt_dir: Path) -> tuple[dict, dict, Path, Pat
     if len(res_frames) != len(gt_frames):
         raise CTCLayoutError(f"the result has {len(res_frames)} frames but the ground truth has {len(gt_frames)}: "
                              "they must describe the same movie")
-    seg = _numbered(gt_dir / "SEG", "man_seg")
+    seg = numbered_files(gt_dir / "SEG", "man_seg")
     for t in seg:
         if t not in res_frames:
             raise CTCLayoutError(f"ground truth SEG/man_seg{t:03d}.tif is beyond the result's last frame "

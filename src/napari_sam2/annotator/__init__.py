@@ -4,7 +4,8 @@
 - :mod:`.layer_prompts`: the prompts in the Points / Shapes layers and painted masks, and what changed;
 - :mod:`.tasks`: the one background worker that runs all heavy work in order, cancellable;
 - :mod:`.engine`: :class:`Annotator`, the session (model, predictor state, prompts applied, results);
-- :mod:`.objects`: the rows of the object list.
+- :mod:`.objects`: the rows of the object list;
+- :mod:`.finetuning`: fine-tuning on the corrected masklets (:meth:`Annotator.train`).
 """
 
 from .engine import Annotator, AnnotatorError, AnnotatorListener, LineageOptions, ModelChoice

@@ -13,6 +13,7 @@ their masks until the next "Propagate".
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 import time
 from collections.abc import Callable
@@ -75,6 +76,10 @@ class AnnotatorListener(TaskListener, Protocol):
 
     def model_ready(self, text: str) -> None: ...
 
+    def model_trained(self, checkpoint: str | None, text: str) -> None:
+        """Fine-tuning ended; the session now runs ``checkpoint`` (None: it kept a model chosen meanwhile).
+        Optional: a listener without it is shown ``text`` as a status."""
+
 
 class Annotator:
     """One interactive SAM2 session over the image in view. Call its methods from the GUI thread."""
@@ -104,10 +109,12 @@ class Annotator:
         self._presence = ObjectPresence()
         self.parents: dict[int, int] = {}
         self._objects_posted = 0.0
+        self.last_training = None  # the TrainingSummary of the last fine-tuning that finished
 
     # ================================================================= GUI thread
     def choose_model(self, choice: ModelChoice) -> None:
-        self.choice = choice
+        with self._lock:  # a fine-tuning that ends switches the choice only if it is still the one it trained
+            self.choice = choice
 
     def show(self, view: StackView | None) -> bool:
         """Segment ``view`` from now on; True when it is another video than before (its session starts empty)."""
@@ -191,6 +198,21 @@ class Annotator:
         video = np.array(labels, copy=True)
         parents = dict(self.parents)
         return self._submit(f"export {path}", lambda task: self._export(task, path, fmt, video, parents))
+
+    def train(self, labels, out, steps: int = 50, image_size: int | None = None, lora: int | None = None,
+              num_frames: int = 8, **options) -> Task:
+        """Fine-tune the current model on the video in view and ``labels`` (e.g. the corrected masklets,
+        ``(T, Y, X)`` like the video, or the masklets layer's own shape) into checkpoint ``out``; then the
+        session runs it (same model name, ``checkpoint=out``). ``options`` go to
+        :func:`napari_sam2.train.loop.finetune` (``augment``, ``val_every``, ``lr``, ``seed``...).
+
+        Shapes and paths are checked here (:class:`AnnotatorError`); the labels are read in the worker."""
+        from .finetuning import check_request
+
+        with self._lock:
+            view, choice = self.view, self.choice
+        labels, request = check_request(view, choice, labels, out, steps, image_size, lora, num_frames, options)
+        return self._submit(f"fine-tune {request.out.name}", lambda task: self._train(task, choice, view, labels, request))
 
     def cancel(self) -> list[Task]:
         """Stop the task running after its current step and drop the queued ones."""
@@ -528,6 +550,37 @@ class Annotator:
                 self.parents = {}
         self._tell("erase_objects", obj_ids)
         self._post_objects()
+
+    def _train(self, task: Task, choice: ModelChoice, view: StackView, labels, request) -> None:
+        from .finetuning import run_training
+
+        def between_steps():  # a click while it trains is answered by the model the session has
+            if self._state is not None:
+                self._apply_prompts(task)
+
+        self._say(f"fine-tuning {choice.model} on {view.describe()} for {request.steps} steps ...")
+        summary = run_training(task, choice, view, labels, request, between_steps)
+        self.last_training = summary
+        new = dataclasses.replace(choice, checkpoint=str(summary.checkpoint))
+        with self._lock:
+            switched = self.choice == choice
+            if switched:
+                self.choice = new
+        if switched:
+            parents = dict(self.parents)  # the lineage found so far holds for the labels whatever the weights
+            self._ensure_predictor(task)  # loaded now: the next click runs the fine-tuned weights at once
+            self.parents.update(parents)
+        text = summary.describe(choice.model if switched else None)
+        listener, checkpoint = self.listener, new.checkpoint if switched else None
+
+        def tell():
+            trained = getattr(listener, "model_trained", None)
+            if trained is not None:
+                trained(checkpoint, text)
+            else:
+                listener.show_status(text)
+
+        self._post_current(tell)
 
     def _export(self, task: Task, path, fmt: str | None, video: np.ndarray, parents: dict[int, int]) -> None:
         from pathlib import Path

@@ -35,6 +35,8 @@ class Task:
     total: int | None = None  # steps, for a progress bar; None: indeterminate
     key: str | None = None  # a queued task with the same key is replaced by a newer one
     done: int = 0
+    message: str | None = None  # what the task is at (e.g. a training step and its loss), shown with its progress
+    note: str | None = None  # what it leaves behind if it stops early (said when cancelled)
     number: int = field(default_factory=itertools.count(1).__next__)
     _cancel: threading.Event = field(default_factory=threading.Event, repr=False)
     _queue: TaskQueue | None = field(default=None, repr=False)
@@ -46,16 +48,23 @@ class Task:
     def cancel(self) -> None:
         self._cancel.set()
 
+    @property
+    def cancel_event(self) -> threading.Event:
+        """Set when the task is cancelled: for work that polls an event rather than calling :meth:`check`."""
+        return self._cancel
+
     def check(self) -> None:
         """Stop here (raise :class:`Cancelled`) when the task was cancelled."""
         if self._cancel.is_set():
             raise Cancelled(self.name)
 
-    def advance(self, steps: int = 1, total: int | None = None) -> None:
-        """Count ``steps`` done (and change the total), show it, then stop if cancelled."""
+    def advance(self, steps: int = 1, total: int | None = None, message: str | None = None) -> None:
+        """Count ``steps`` done (and change the total and the message), show it, then stop if cancelled."""
         self.done += steps
         if total is not None:
             self.total = total
+        if message is not None:
+            self.message = message
         if self._queue is not None:
             self._queue._tell("progress", self)
         self.check()

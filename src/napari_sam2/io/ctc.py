@@ -15,6 +15,7 @@ its daughters begin.
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
@@ -25,6 +26,17 @@ from .atomic import atomic_path
 from .label_frames import iter_frames, labels_for_dtype
 
 Track = tuple[int, int, int, int]  # (label, begin, end, parent)
+
+
+def numbered_files(folder: Path, prefix: str) -> dict[int, Path]:
+    """``{t: path}`` of the CTC-numbered TIFFs ``<prefix><t>.tif`` in ``folder`` (none if it is missing)."""
+    pattern = re.compile(rf"^{re.escape(prefix)}(\d+)\.tiff?$")
+    found = {}
+    for path in folder.iterdir() if folder.is_dir() else ():
+        m = pattern.match(path.name)
+        if m:
+            found[int(m.group(1))] = path
+    return found
 
 
 def ctc_digits(n_frames: int) -> int:

@@ -1,7 +1,8 @@
 """Memory attention: conditions the current frame's features on the memory bank.
 
 Four pre-norm layers of self-attention (RoPE), cross-attention to memories (RoPE on the spatial
-memory tokens, none on object-pointer tokens) and a ReLU feed-forward network.
+memory tokens, none on object-pointer tokens) and a ReLU feed-forward network. Dropout (0.1, as the
+official configs) acts only in training mode: inference is untouched by it.
 """
 
 from __future__ import annotations
@@ -14,24 +15,31 @@ from .transformer import RoPEAttention
 
 
 class MemoryAttentionLayer(nn.Module):
-    def __init__(self, d_model: int = 256, mem_dim: int = 64, dim_feedforward: int = 2048):
+    def __init__(self, d_model: int = 256, mem_dim: int = 64, dim_feedforward: int = 2048, dropout: float = 0.1):
         super().__init__()
-        self.self_attn = RoPEAttention(d_model, num_heads=1)
-        self.cross_attn_image = RoPEAttention(d_model, num_heads=1, rope_k_repeat=True, kv_in_dim=mem_dim)
+        self.self_attn = RoPEAttention(d_model, num_heads=1, dropout=dropout)
+        self.cross_attn_image = RoPEAttention(
+            d_model, num_heads=1, rope_k_repeat=True, kv_in_dim=mem_dim, dropout=dropout
+        )
         self.linear1 = nn.Linear(d_model, dim_feedforward)
         self.linear2 = nn.Linear(dim_feedforward, d_model)
         self.norm1 = nn.LayerNorm(d_model)
         self.norm2 = nn.LayerNorm(d_model)
         self.norm3 = nn.LayerNorm(d_model)
+        # no parameters: the state dict keeps the official keys
+        self.dropout = nn.Dropout(dropout)
+        self.dropout1 = nn.Dropout(dropout)
+        self.dropout2 = nn.Dropout(dropout)
+        self.dropout3 = nn.Dropout(dropout)
 
     def forward(self, tgt, memory, memory_keys, num_k_exclude_rope: int = 0):
         """memory_keys = memory + its positions: keys carry positions, queries get them only through RoPE."""
         x = self.norm1(tgt)
-        tgt = tgt + self.self_attn(x, x, x)
+        tgt = tgt + self.dropout1(self.self_attn(x, x, x))
         x = self.norm2(tgt)
-        tgt = tgt + self.cross_attn_image(x, memory_keys, memory, num_k_exclude_rope=num_k_exclude_rope)
+        tgt = tgt + self.dropout2(self.cross_attn_image(x, memory_keys, memory, num_k_exclude_rope=num_k_exclude_rope))
         x = self.norm3(tgt)
-        return tgt + self.linear2(F.relu(self.linear1(x), inplace=True))
+        return tgt + self.dropout3(self.linear2(self.dropout(F.relu(self.linear1(x), inplace=True))))
 
 
 class MemoryAttention(nn.Module):

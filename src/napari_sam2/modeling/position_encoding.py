@@ -27,23 +27,27 @@ class PositionEmbeddingSine(nn.Module):
     def _map(self, h: int, w: int, device: torch.device) -> torch.Tensor:
         key = (h, w, device)
         if key not in self._cache:
-            eps = 1e-6
-            y = torch.arange(1, h + 1, dtype=torch.float32, device=device)
-            x = torch.arange(1, w + 1, dtype=torch.float32, device=device)
-            y = y / (y[-1] + eps) * self.scale
-            x = x / (x[-1] + eps) * self.scale
-            d = torch.arange(self.num_pos_feats, dtype=torch.float32, device=device)
-            d = self.temperature ** (2 * (d // 2) / self.num_pos_feats)
-            px = x[:, None] / d  # W x F
-            py = y[:, None] / d  # H x F
-            # interleave sin of even and cos of odd frequencies
-            px = torch.stack((px[:, 0::2].sin(), px[:, 1::2].cos()), dim=2).flatten(1)
-            py = torch.stack((py[:, 0::2].sin(), py[:, 1::2].cos()), dim=2).flatten(1)
-            pos = torch.cat(
-                (py[:, None, :].expand(h, w, -1), px[None, :, :].expand(h, w, -1)), dim=2
-            )
-            self._cache[key] = pos.permute(2, 0, 1).contiguous()  # C x H x W
+            with torch.inference_mode(False):  # a cache made under inference mode could not serve training
+                self._cache[key] = self._compute(h, w, device)
         return self._cache[key]
+
+    def _compute(self, h: int, w: int, device: torch.device) -> torch.Tensor:
+        eps = 1e-6
+        y = torch.arange(1, h + 1, dtype=torch.float32, device=device)
+        x = torch.arange(1, w + 1, dtype=torch.float32, device=device)
+        y = y / (y[-1] + eps) * self.scale
+        x = x / (x[-1] + eps) * self.scale
+        d = torch.arange(self.num_pos_feats, dtype=torch.float32, device=device)
+        d = self.temperature ** (2 * (d // 2) / self.num_pos_feats)
+        px = x[:, None] / d  # W x F
+        py = y[:, None] / d  # H x F
+        # interleave sin of even and cos of odd frequencies
+        px = torch.stack((px[:, 0::2].sin(), px[:, 1::2].cos()), dim=2).flatten(1)
+        py = torch.stack((py[:, 0::2].sin(), py[:, 1::2].cos()), dim=2).flatten(1)
+        pos = torch.cat(
+            (py[:, None, :].expand(h, w, -1), px[None, :, :].expand(h, w, -1)), dim=2
+        )
+        return pos.permute(2, 0, 1).contiguous()  # C x H x W
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:

@@ -116,9 +116,11 @@ class SAM2(nn.Module):
         return self.sam_mask_decoder.conv_s0.weight.dtype
 
     # ------------------------------------------------------------------ image features
-    def forward_image(self, image: torch.Tensor) -> dict:
+    def forward_image(self, image: torch.Tensor, encoder_grad: bool = True) -> dict:
         """B x 3 x 1024 x 1024 normalised images -> ``vision_features``, ``vision_pos_enc``,
-        ``backbone_fpn`` (the two high-resolution levels already projected for the decoder)."""
+        ``backbone_fpn`` (the two high-resolution levels already projected for the decoder).
+        ``encoder_grad=False``: the image encoder builds no graph (frozen in fine-tuning) while the
+        decoder's projections of its high-resolution levels still learn."""
         expected = (3, self.image_size, self.image_size)
         if image.ndim != 4 or tuple(image.shape[1:]) != expected:
             raise ValueError(
@@ -130,7 +132,8 @@ class SAM2(nn.Module):
                 f"forward_image expects a float tensor (normalised with ImageNet mean/std), got {image.dtype}."
             )
         # float64 / float16 input is cast to the encoder's dtype
-        out = self.image_encoder(image.to(self.compute_dtype))
+        with torch.set_grad_enabled(encoder_grad and torch.is_grad_enabled()):
+            out = self.image_encoder(image.to(self.compute_dtype))
         fpn = list(out["backbone_fpn"])
         heads = self._heads_dtype()
         fpn[0] = self.sam_mask_decoder.conv_s0(fpn[0].to(heads))
@@ -145,8 +148,10 @@ class SAM2(nn.Module):
         dtype = self.compute_dtype
         return FrameFeatures(embed=fpn[-1].to(dtype), pos=pos[-1].to(dtype), high_res=(fpn[0].to(dtype), fpn[1].to(dtype)))
 
-    def encode_frame(self, image: torch.Tensor) -> FrameFeatures:
-        return self.frame_features(self.forward_image(image))
+    def encode_frame(self, image: torch.Tensor, encoder_grad: bool = True) -> FrameFeatures:
+        # the plain call when the encoder learns: callers may wrap forward_image(image) (the parity tests do)
+        out = self.forward_image(image) if encoder_grad else self.forward_image(image, encoder_grad=False)
+        return self.frame_features(out)
 
     def features_from_levels(self, embed: torch.Tensor, high_res0: torch.Tensor, high_res1: torch.Tensor) -> FrameFeatures:
         """FrameFeatures from the three stored levels (the position map depends only on the size)."""
@@ -298,7 +303,12 @@ class SAM2(nn.Module):
 
         sign = -1 if reverse else 1
         signed = self.cfg.use_signed_tpos_enc_to_obj_ptrs
-        past_cond = {t: e for t, e in cond.items() if (t >= frame_idx if reverse else t <= frame_idx)}
+        if self.training:
+            # training clips see the pointers of every conditioning frame, later ones included (the
+            # reference's recipe); tracking uses only those already passed
+            past_cond = dict(cond)
+        else:
+            past_cond = {t: e for t, e in cond.items() if (t >= frame_idx if reverse else t <= frame_idx)}
         ptr_pos = [((frame_idx - t) * sign if signed else abs(frame_idx - t)) for t in past_cond]
         ptrs = [e["obj_ptr"] for e in past_cond.values()]
         for r, t in enumerate(ptr_frames, start=1):

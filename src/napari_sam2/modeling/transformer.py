@@ -47,26 +47,30 @@ class RoPEAttention(Attention):
     ``num_k_exclude_rope`` keys (object pointer tokens) carry no spatial position.
     """
 
-    def __init__(self, *args, rope_theta: float = 10000.0, rope_k_repeat: bool = False, feat_sizes=(64, 64), **kwargs):
+    def __init__(
+        self, *args, rope_theta: float = 10000.0, rope_k_repeat: bool = False, feat_sizes=(64, 64),
+        dropout: float = 0.0, **kwargs,
+    ):
         super().__init__(*args, **kwargs)
+        self.dropout_p = dropout  # attention dropout, training mode only
         self.rope_theta = rope_theta
         self.rope_k_repeat = rope_k_repeat
         self._set_grid(*feat_sizes)
 
-    def _set_grid(self, end_x: int, end_y: int) -> None:
-        angles = axial_rope_angles(self.internal_dim // self.num_heads, end_x, end_y, self.rope_theta)
-        self._freqs = torch.polar(torch.ones_like(angles), angles)
+    def _set_grid(self, end_x: int, end_y: int, device=None) -> None:
+        # a table made under inference mode could not serve a later training step: never make it there
+        with torch.inference_mode(False):
+            angles = axial_rope_angles(self.internal_dim // self.num_heads, end_x, end_y, self.rope_theta)
+            self._freqs = torch.polar(torch.ones_like(angles), angles).to(device or "cpu")
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_k_exclude_rope: int = 0) -> torch.Tensor:
         q = self._heads(self.q_proj(q))
         k = self._heads(self.k_proj(k))
         v = self._heads(self.v_proj(v))
         n = q.shape[-2]
-        if self._freqs.shape[0] != n:
+        if self._freqs.shape[0] != n or self._freqs.device != q.device:
             side = int(round(n**0.5))
-            self._set_grid(side, side)
-        if self._freqs.device != q.device:
-            self._freqs = self._freqs.to(q.device)
+            self._set_grid(side, side, q.device)
         if q.shape[-2] != k.shape[-2] and not self.rope_k_repeat:
             raise ValueError("keys cover more positions than queries but rope_k_repeat is off")
         q = apply_rope(q, self._freqs)
@@ -74,7 +78,8 @@ class RoPEAttention(Attention):
         if n_rope > 0:
             # k is this call's own projection: rotate its spatial tokens in place, pointers stay as they are
             k[:, :, :n_rope] = apply_rope(k[:, :, :n_rope], self._freqs)
-        return self._out(F.scaled_dot_product_attention(q, k, v))
+        dropout_p = self.dropout_p if self.training else 0.0
+        return self._out(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p))
 
 
 class TwoWayAttentionBlock(nn.Module):

@@ -1,0 +1,1 @@
+"""Fine-tuning SAM2 on annotated stacks: clips, prompt simulation, the loss, the loop."""
