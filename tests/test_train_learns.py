@@ -10,8 +10,8 @@ from models import random_model
 from napari_sam2.synthetic import make_timelapse
 from napari_sam2.train.loop import finetune
 
-SIZE = 128
-STEPS = 40
+SIZE = 256
+STEPS = 25
 
 
 def test_two_clips_are_overfitted_from_random_weights(tmp_path):

@@ -8,7 +8,8 @@
 - :mod:`.finetuning`: fine-tuning on the corrected masklets (:meth:`Annotator.train`).
 """
 
-from .engine import Annotator, AnnotatorError, AnnotatorListener, LineageOptions, ModelChoice
+from .choices import AnnotatorError, LineageOptions, ModelChoice
+from .engine import Annotator, AnnotatorListener
 from .layer_prompts import FramePrompt, collect_prompts, diff_prompts
 from .objects import ObjectInfo
 from .stack_view import StackView

@@ -17,13 +17,13 @@ import dataclasses
 import threading
 import time
 from collections.abc import Callable
-from dataclasses import dataclass
 from typing import Any, Protocol
 
 import numpy as np
 
 from ..labels import logits_to_labels
 from ..propagation import plan_passes
+from .choices import AnnotatorError, LineageOptions, ModelChoice
 from .layer_prompts import FramePrompt, collect_prompts, diff_prompts, mask_digest
 from .objects import ObjectInfo, ObjectPresence
 from .stack_view import StackView
@@ -32,33 +32,6 @@ from .tasks import Cancelled, Post, Task, TaskListener, TaskQueue
 __all__ = ["Annotator", "AnnotatorError", "AnnotatorListener", "LineageOptions", "ModelChoice"]
 
 OBJECTS_EVERY_S = 0.5  # the object list is refreshed at most this often during a propagation
-
-
-class AnnotatorError(Exception):
-    """Something the user can fix; the message says what and how."""
-
-
-@dataclass(frozen=True)
-class ModelChoice:
-    """The network a session runs: registry name, checkpoint (None: official weights), device, size, precision."""
-
-    model: str
-    checkpoint: str | None = None
-    device: str = "auto"
-    image_size: int = 1024
-    precision: str = "auto"
-
-
-@dataclass(frozen=True)
-class LineageOptions:
-    """Cells entering the field (looked for every ``new_every`` frames) and divisions while propagating forward."""
-
-    new_every: int | None = None
-    divisions: bool = False
-
-    @property
-    def on(self) -> bool:
-        return bool(self.new_every) or self.divisions
 
 
 class AnnotatorListener(TaskListener, Protocol):

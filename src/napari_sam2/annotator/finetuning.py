@@ -16,7 +16,7 @@ from pathlib import Path
 
 import numpy as np
 
-from .engine import AnnotatorError, ModelChoice
+from .choices import AnnotatorError, ModelChoice
 from .stack_view import StackView
 from .tasks import Cancelled, Task
 

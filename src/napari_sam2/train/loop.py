@@ -248,13 +248,14 @@ def finetune(
     """
     paths = output_paths(out)
     specs = list(data) if isinstance(data, (list, tuple)) and not _is_array_pair(data) else [data]
-    _check_outputs(paths, specs, checkpoint)
+    val_specs = (list(val) if isinstance(val, (list, tuple)) and not _is_array_pair(val) else [val]) if val is not None else []
+    _check_outputs(paths, specs + val_specs, checkpoint)
     if lora is not None and lora <= 0:
         raise TrainingError(f"lora must be a positive rank (e.g. 8), got {lora}.")
     if accumulate < 1:
         raise TrainingError(f"accumulate must be >= 1, got {accumulate}.")
     sequences = open_training_data(specs)
-    val_sequences = open_training_data(list(val) if isinstance(val, (list, tuple)) and not _is_array_pair(val) else [val]) if val is not None else sequences
+    val_sequences = open_training_data(val_specs) if val_specs else sequences
 
     dev = resolve_device(device)
     net = build_model(model, checkpoint=checkpoint, device=dev, image_size=image_size, precision="fp32")
@@ -269,6 +270,7 @@ def finetune(
     val_every = val_every or max(1, steps // 10)
     save_every = save_every or val_every
     freeze_encoder = (lora is None) if freeze_encoder is None else freeze_encoder
+    # with LoRA, "not frozen" means the encoder's attention gets adapters (its weights stay fixed)
     settings = _settings_record(model=model, image_size=size, lora=lora, freeze_encoder=freeze_encoder,
                                 num_frames=num_frames, max_num_objects=max_num_objects, accumulate=accumulate,
                                 lr=lr, vision_lr=vision_lr, weight_decay=weight_decay, layer_decay=layer_decay,
@@ -280,7 +282,8 @@ def finetune(
     if lora is not None:
         from .lora import add_lora
 
-        net = add_lora(net, rank=lora)
+        # adapters in the encoder too, unless it was asked to stay frozen
+        net = add_lora(net, rank=lora, exclude=("image_encoder",) if freeze_encoder is True else ())
         train_encoder = any(p.requires_grad for n, p in net.named_parameters() if "image_encoder" in n)
     elif freeze_encoder:
         for p in net.image_encoder.parameters():
@@ -348,7 +351,9 @@ def finetune(
                 row.update(validate(net, val_clips, dev))
             if bar is not None:
                 bar.update(1)
-                bar.set_postfix(loss=f"{row['loss']:.3f}", **({"J&F": f"{row['val_JF_mask']:.2f}"} if "val_JF_mask" in row else {}))
+                recent = [r["loss"] for r in history.steps[-10:]]  # a running mean: one clip's loss jumps
+                bar.set_postfix(loss=f"{sum(recent) / len(recent):.3f}",
+                                **({"J&F": f"{row['val_JF_mask']:.2f}"} if "val_JF_mask" in row else {}))
             if on_step is not None:
                 on_step(row)
             if (step + 1) % save_every == 0 and step + 1 < steps:

@@ -64,6 +64,7 @@ def add_lora(
     alpha: float | None = None,
     dropout: float = 0.0,
     train_heads: bool = False,
+    exclude: tuple[str, ...] = (),
 ) -> nn.Module:
     """Wrap the attention projections of ``model`` (in place) in LoRA adapters of rank ``rank``.
 
@@ -80,6 +81,8 @@ def add_lora(
     train_heads
         Also train the whole mask decoder (``sam_mask_decoder``), which then gets no adapters: its
         own projection weights are trained directly.
+    exclude
+        Module prefixes that get no adapters (e.g. ``("image_encoder",)`` keeps the encoder as it is).
 
     Every other parameter is frozen. The adapters are kept in float32 even when the network
     computes in bfloat16, so that small updates are not rounded away; peft casts their input and
@@ -89,7 +92,7 @@ def add_lora(
         raise ValueError(f"rank must be positive, got {rank}.")
     if _lora_layers(model):
         raise ValueError("the model already has LoRA adapters: merge_lora() it first.")
-    targets = lora_target_modules(model, exclude=(HEADS,) if train_heads else ())
+    targets = lora_target_modules(model, exclude=tuple(exclude) + ((HEADS,) if train_heads else ()))
     if not targets:
         raise ValueError("no attention projection found to adapt: is this a SAM2 network?")
     config = LoraConfig(
