@@ -23,9 +23,6 @@ Usage (from the repository root):
     PYTHONPATH=src python benchmarks/bench_train.py --device cuda --image-size 1024 --steps 3
     PYTHONPATH=src python benchmarks/bench_train.py --image-size 128 --frames 3 --steps 2 --video-size 128  # a check
 
-With ``--frames 2`` a clip can have both its frames prompted with the ground-truth mask (about 1 clip in
-4); its loss is then a constant and ``finetune`` stops on ``backward()`` ("element 0 of tensors does not
-require grad"): use 3 frames or more until the loop skips such clips.
 """
 
 from __future__ import annotations
