@@ -78,7 +78,8 @@ def test_manifest_validates():
     manifest = PluginManifest.from_file(MANIFEST)
     contrib = manifest.contributions
     assert [w.display_name for w in contrib.widgets] == ["SAM2 video segmentation"]
-    assert {w.command for w in contrib.writers} == {"napari-sam2.write_ome_zarr", "napari-sam2.write_ctc"}
+    assert {w.command for w in contrib.writers} == {"napari-sam2.write_ome_zarr", "napari-sam2.write_ctc",
+                                                    "napari-sam2.write_geff"}
     assert contrib.readers and contrib.sample_data
     for cmd in contrib.commands:  # every command resolves to an importable callable
         assert callable(_resolve(cmd.python_name))

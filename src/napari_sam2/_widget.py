@@ -705,10 +705,12 @@ class SAM2Widget(QWidget):
         return self._ask("export", lambda: self.annotator.export(Path(path), fmt, video))
 
     def _export_dialog(self) -> None:
-        filters = "OME-Zarr (*.ome.zarr);;TIFF (*.tif);;Cell Tracking Challenge folder (*_RES)"
-        path, chosen = QFileDialog.getSaveFileName(self, "Export masklets", "masklets.ome.zarr", filters)
+        formats = {"OME-Zarr (*.ome.zarr)": "zarr", "TIFF (*.tif)": "tiff",
+                   "Cell Tracking Challenge folder (*_RES)": "ctc",
+                   "GEFF graph, labels as OME-Zarr beside it (*.geff)": "geff"}
+        path, chosen = QFileDialog.getSaveFileName(self, "Export masklets", "masklets.ome.zarr", ";;".join(formats))
         if path:
-            self.export(path, "zarr" if chosen.startswith("OME") else "tiff" if chosen.startswith("TIFF") else "ctc")
+            self.export(path, formats.get(chosen, "ctc"))
 
     # ================================================================== what the annotator tells (GUI thread)
     def show_frame(self, t: int, labels: np.ndarray) -> None:

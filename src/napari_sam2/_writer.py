@@ -1,4 +1,4 @@
-"""napari writers for label layers: OME-Zarr (``.zarr``) and Cell Tracking Challenge folders."""
+"""napari writers for label layers: OME-Zarr (``.zarr``), Cell Tracking Challenge folders, GEFF (``.geff``)."""
 
 from __future__ import annotations
 
@@ -45,3 +45,17 @@ def write_ctc_folder(path: str, data, meta: dict) -> list[str]:
     arr = _video(data)
     out = write_ctc(Path(path), arr, overwrite=True)
     return [str(out)]
+
+
+def write_geff_graph(path: str, data, meta: dict) -> list[str]:
+    """Write a labels layer as a GEFF graph plus its labels as OME-Zarr beside it (``NAME.ome.zarr``).
+
+    A layer holds no lineage: every label is one track, without divisions (the widget's Export... keeps
+    the divisions it found)."""
+    from .io.geff_io import labels_beside, write_geff
+
+    arr = _video(data)
+    scale = tuple(float(s) for s in (meta.get("scale") or (1.0,) * arr.ndim))[-3:]
+    scale = (1.0,) * (3 - len(scale)) + scale
+    out = write_geff(Path(path), arr, scale=None if scale == (1.0, 1.0, 1.0) else scale, overwrite=True)
+    return [str(out), str(labels_beside(out))]

@@ -27,7 +27,7 @@ from .modeling.configs import DEFAULT_MODEL
 from .predictor.generator_parameters import generator_parameters
 from .prompts import Prompts, build_prompts
 from .propagation import DIRECTIONS, VideoPredictorLike, needs_history, plan_passes, run_passes
-from .tracking import TrackTable, add_parents, ctc_tracks
+from .tracking import PARENT_COLUMN, TrackTable, add_parents, ctc_tracks
 
 __all__ = ["segment_stack", "SegmentationResult", "open_video"]
 
@@ -91,6 +91,23 @@ class SegmentationResult:
 
         return write_ctc(path, self.labels, tracks=ctc_tracks(self.tracks), overwrite=overwrite)
 
+    def to_geff(self, path: str | os.PathLike, overwrite: bool = False, scale=None, units: dict | None = None) -> Path:
+        """Write the tracks as a GEFF graph ``NAME.geff`` and the labels as ``NAME.ome.zarr`` beside it.
+
+        Nodes: one per object and frame (``t, y, x, area, label, seg_id, score``); edges: links and
+        divisions (see :mod:`napari_sam2.io.geff_io`). The lineage is the one :meth:`to_ctc` writes.
+        ``scale``/``units``: physical size of a (T, Y, X) step, recorded in the GEFF axes and the labels.
+        Labels already in that store (``out`` of :func:`segment_stack`) are referenced, not rewritten.
+        """
+        from .io.geff_io import labels_beside, write_geff
+
+        tracks = self.tracks
+        if PARENT_COLUMN in tracks.columns:  # the same lineage as res_track.txt: parents that break the rules dropped
+            tracks = add_parents(tracks, {label: p for label, _, _, p in ctc_tracks(tracks) if p})
+        beside = labels_beside(path)
+        labels = self.path if self.path is not None and _same_file(self.path, beside) else self.labels
+        return write_geff(path, labels, tracks, scale=scale, units=units, overwrite=overwrite)
+
     def to_csv(self, path: str | os.PathLike, overwrite: bool = False) -> Path:
         """Write the tracks table as CSV."""
         from .io import write_tracks_csv
@@ -104,6 +121,10 @@ class SegmentationResult:
 
 
 # ------------------------------------------------------------------------------------ helpers
+def _same_file(a, b) -> bool:
+    return os.path.realpath(a) == os.path.realpath(b)
+
+
 def open_video(stack: Any, axes: str | None = None, channel: int | None = None,
                **planes) -> tuple[Stack, tuple[int, int, int]]:
     """Open any source as the video to segment: a ``TYX`` stack (``TYXC`` for RGB) and ``(T, Y, X)``.

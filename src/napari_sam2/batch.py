@@ -6,7 +6,8 @@ Used by the ``napari-sam2 segment`` command (:mod:`napari_sam2.cli`); usable fro
 >>> results = run_batch(jobs)                                                                    # doctest: +SKIP
 >>> print(format_summary(results))                                                               # doctest: +SKIP
 
-Every input gives ``OUT/NAME.ome.zarr`` (or ``NAME.tif``, or the CTC folder ``NAME_RES``),
+Every input gives ``OUT/NAME.ome.zarr`` (or ``NAME.tif``, or the CTC folder ``NAME_RES``; with
+``NAME.geff`` beside ``NAME.ome.zarr`` for the GEFF format),
 ``OUT/NAME.tracks.csv`` and ``OUT/NAME.manifest.json``: written in a hidden working folder and
 published together, the manifest last, so a result is finished exactly when its manifest matches its
 files (``skip_existing``). A batch holds the lock of its output folder, removes what dead runs left
@@ -135,6 +136,8 @@ def output_paths(out_dir: str | os.PathLike, name: str, fmt: str) -> dict[str, P
     if fmt not in FORMATS:
         raise ValueError(f"format must be one of {FORMATS}, got {fmt!r}")
     out = Path(out_dir)
+    if fmt == "geff":  # the graph, and the labels it names beside it
+        return {"labels": out / f"{name}.ome.zarr", "geff": out / f"{name}.geff", "tracks": out / f"{name}.tracks.csv"}
     return {"labels": out / f"{name}{LABEL_FORMATS[fmt]}", "tracks": out / f"{name}.tracks.csv"}
 
 
@@ -245,7 +248,8 @@ def check_job_outputs(job: Job, inputs: Iterable[str] = ()) -> str | None:
                 return (f"the output '{out}' would overwrite the input '{source}': choose an --out folder "
                         "outside the inputs")
     if job.overwrite:
-        return _kind_problem(paths["labels"], want_dir=job.format != "tiff") or _kind_problem(paths["tracks"], False)
+        return (_kind_problem(paths["labels"], want_dir=job.format != "tiff") or _kind_problem(paths["tracks"], False)
+                or ("geff" in paths and _kind_problem(paths["geff"], want_dir=True)) or None)
     return None
 
 
@@ -274,7 +278,7 @@ def run_one(job: Job, predictor: VideoPredictorLike | None = None) -> dict:
     if job.skip_existing and present:
         why = check_complete(job.out_dir, job.name, paths, job.input, settings)
         if why is None:
-            return _result(job, "skipped", start, output=str(paths["labels"]))
+            return _result(job, "skipped", start, output=str(paths.get("geff", paths["labels"])))
         return _result(job, "failed", start, error=(
             f"the result '{job.name}' in '{job.out_dir}' is not a complete result of this input and these "
             f"settings: {why}. Nothing was changed. Rerun with --overwrite to replace it, or remove "
@@ -313,8 +317,8 @@ def run_one(job: Job, predictor: VideoPredictorLike | None = None) -> dict:
             "settings": settings, "prompts": prompts_file,
             "frames": result.n_frames, "objects": result.n_objects,
             "model": {k: job.options.get(k) for k in _MODEL_OPTIONS}, "napari_sam2": _version()})
-        return _result(job, "ok", start, frames=result.n_frames, objects=result.n_objects, output=str(paths["labels"]),
-                       warnings=notes)
+        return _result(job, "ok", start, frames=result.n_frames, objects=result.n_objects,
+                       output=str(paths.get("geff", paths["labels"])), warnings=notes)
     except (KeyboardInterrupt, SystemExit):
         raise
     except BaseException as exc:  # noqa: BLE001 - a failing input must not stop the batch
@@ -371,8 +375,11 @@ def _segment(job: Job, pending: PendingResult, model: VideoPredictorLike, progre
     """Run segment_stack for one job, writing its labels in the job's format into ``pending``."""
     from .api import segment_stack
 
-    if job.format == "zarr":
-        return segment_stack(job.input, out=pending.path("labels"), predictor=model, progress=progress, **kwargs)
+    if job.format in ("zarr", "geff"):
+        result = segment_stack(job.input, out=pending.path("labels"), predictor=model, progress=progress, **kwargs)
+        if job.format == "geff":
+            result.to_geff(pending.path("geff"))  # names the labels beside it, as they will be once published
+        return result
     # labels stream into a zarr store first (frames come in any order), then to TIFF / CTC
     result = segment_stack(job.input, out=pending.scratch("labels.ome.zarr"), predictor=model, progress=progress,
                            **kwargs)

@@ -2,8 +2,9 @@
 
 ::
 
-    napari-sam2 segment INPUT... --out DIR (--prompts FILE_OR_DIR | --auto) [--format zarr|tiff|ctc] ...
+    napari-sam2 segment INPUT... --out DIR (--prompts FILE_OR_DIR | --auto) [--format zarr|tiff|ctc|geff] ...
     napari-sam2 evaluate RESULT_DIR GT_DIR [--json]
+    napari-sam2 convert RESULT OUT [--overwrite]
     napari-sam2 models
     napari-sam2 download NAME
 
@@ -31,8 +32,9 @@ _EPILOG_SEGMENT = """\
 inputs: TIFF / OME-TIFF files, Zarr / OME-Zarr stores, folders of frames (one stack per folder),
 and globs ("data/*.tif", quoted or expanded by the shell): every input is one stack.
 
-outputs, per input NAME (named after the input): OUT/NAME.ome.zarr, OUT/NAME.tif or the Cell
-Tracking Challenge folder OUT/NAME_RES (mask000.tif..., res_track.txt), plus OUT/NAME.tracks.csv and
+outputs, per input NAME (named after the input): OUT/NAME.ome.zarr, OUT/NAME.tif, the Cell
+Tracking Challenge folder OUT/NAME_RES (mask000.tif..., res_track.txt) or the GEFF graph OUT/NAME.geff
+with OUT/NAME.ome.zarr (the labels it names), plus OUT/NAME.tracks.csv and
 OUT/NAME.manifest.json, published together; OUT/summary.csv gets one row per input and run.
 Outputs never replace inputs; --skip-existing never deletes anything (see docs/cli.md).
 
@@ -96,7 +98,8 @@ def build_parser() -> argparse.ArgumentParser:
                      help="automatic mask generator parameter, repeatable (points_per_side=16, pred_iou_thresh=0.7, "
                      "min_area=50, max_objects=100, ...)")
     seg.add_argument("--format", choices=tuple(LABEL_FORMATS), default="zarr", help="labels as OME-Zarr (default), "
-                     "compressed ImageJ TIFF, or a Cell Tracking Challenge folder")
+                     "compressed ImageJ TIFF, a Cell Tracking Challenge folder, or a GEFF tracking graph (NAME.geff) "
+                     "with the labels as OME-Zarr beside it")
     _add_model_and_plane_options(seg)
     seg.add_argument("--direction", choices=DIRECTIONS, default="both",
                      help="propagate from the earliest prompted frame forward and/or the latest backward (default both)")
@@ -114,13 +117,31 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--threads", type=_positive_int, metavar="N", help="torch CPU threads per process")
     seg.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    ev = sub.add_parser("evaluate", help="score a CTC result folder against ground truth (DET, TRA, SEG)",
+    ev = sub.add_parser("evaluate", help="score a CTC result folder against ground truth (the Cell Tracking "
+                        "Challenge measures)",
                         description="Score a Cell Tracking Challenge result folder (mask000.tif..., res_track.txt) "
                         "against a ground-truth folder (TRA/man_track000.tif..., TRA/man_track.txt, optionally "
-                        "SEG/man_seg000.tif...): DET and TRA with traccuracy, SEG when the ground truth has SEG/.")
+                        "SEG/man_seg000.tif...): SEG, DET, TRA, LNK, CT, TF, BC(i), CCA, BIO(i), OP_CSB, OP_CTB, "
+                        "OP_CLB(i), CHOTA with py-ctcmetrics (the CTC's implementation), DIV_F1 (division F1) with "
+                        "traccuracy. SEG, OP_CSB and OP_CTB need SEG/; a measure that cannot be computed is shown "
+                        "as n/a with the reason, never as 0.")
     ev.add_argument("result", metavar="RESULT_DIR", help="CTC result folder, e.g. results/01_RES")
     ev.add_argument("gt", metavar="GT_DIR", help="CTC ground-truth folder, e.g. 01_GT")
-    ev.add_argument("--json", action="store_true", help="print one JSON object with the keys DET, TRA (, SEG)")
+    ev.add_argument("--json", action="store_true", help="print one JSON object {measure: value} of the measures "
+                    "computed (the reasons for the others go to stderr)")
+    ev.add_argument("--bc", type=_positive_int, default=0, metavar="I", help="tolerance in frames of BC(i), and so "
+                    "of BIO(i), OP_CLB(i), and DIV_F1's frame buffer (default 0, as ctc_evaluate's --bc)")
+    ev.add_argument("--threads", type=_positive_int, default=1, metavar="N", help="processes matching the frames "
+                    "(0: one per CPU; default 1)")
+
+    cv = sub.add_parser("convert", help="convert a result between CTC, GEFF and OME-Zarr + tracks CSV",
+                        description="Convert a result: a CTC folder (mask000.tif..., res_track.txt), a GEFF "
+                        "(NAME.geff, labels in NAME.ome.zarr beside it) or OME-Zarr labels with NAME.tracks.csv "
+                        "beside them. The kind of OUT comes from its name: NAME.geff, NAME.ome.zarr (or .zarr), "
+                        "else a CTC folder (e.g. NAME_RES).")
+    cv.add_argument("result", metavar="RESULT", help="CTC folder, NAME.geff, or NAME.ome.zarr")
+    cv.add_argument("out", metavar="OUT", help="NAME.geff, NAME.ome.zarr, or a CTC folder such as NAME_RES")
+    cv.add_argument("--overwrite", action="store_true", help="replace an existing OUT (an earlier result of that kind)")
 
     emb = sub.add_parser("embed", help="encode stacks' frames into the feature cache ahead of segmenting",
                          description="Run the image encoder over every frame of each stack and keep the features "
@@ -466,20 +487,37 @@ def _summary_clash(out: str, sources: list[str]) -> str | None:
 
 
 def _evaluate(args: argparse.Namespace) -> int:
-    from .evaluate import CTCLayoutError, evaluate_ctc
+    from .evaluate import MEASURES, CTCLayoutError, evaluate_ctc
 
     try:
-        scores = evaluate_ctc(args.result, args.gt)
-    except CTCLayoutError as exc:
-        return _error(str(exc))
-    except ImportError as exc:
+        scores = evaluate_ctc(args.result, args.gt, bc_i=args.bc, threads=args.threads)
+    except (CTCLayoutError, ImportError) as exc:
         return _error(str(exc))
     if args.json:
-        print(json.dumps({k: scores[k] for k in ("DET", "TRA", "SEG") if k in scores}))
-    else:
-        for key in ("DET", "TRA", "SEG"):
-            if key in scores:
-                print(f"{key}: {scores[key]:.6f}")
+        print(json.dumps(dict(scores)))
+        # stdout stays one JSON object; why a measure is missing goes next to the errors
+        for key, why in scores.absent.items():
+            print(f"napari-sam2 evaluate: {key} not computed: {why}", file=sys.stderr)
+        return 0
+    print(f"{'measure':<8} {'value':>8}  {'library':<14} note")
+    for key in MEASURES:
+        value = f"{scores[key]:.6f}" if key in scores else "n/a"
+        print(f"{key:<8} {value:>8}  {scores.library[key]:<14} {scores.absent.get(key, '')}".rstrip())
+    print(f"(BC, BIO, OP_CLB with i = {scores.bc_i}: BC({scores.bc_i}), BIO({scores.bc_i}), OP_CLB({scores.bc_i}); "
+          f"DIV_F1 with a frame buffer of {scores.bc_i})")
+    return 0
+
+
+def _convert(args: argparse.Namespace) -> int:
+    from .convert import ConvertError, convert
+    from .io import OutputWriteError
+
+    try:
+        done = convert(os.path.expanduser(args.result), os.path.expanduser(args.out), overwrite=args.overwrite)
+    except (ConvertError, FileNotFoundError, FileExistsError, OutputWriteError) as exc:
+        return _error(str(exc))
+    print(f"{args.result} ({done['from']}) -> {' + '.join(done['written'])} ({done['to']}): {done['frames']} frames, "
+          f"{done['objects']} objects, {done['divisions']} divisions")
     return 0
 
 
@@ -549,7 +587,7 @@ def main(argv: list[str] | None = None) -> int:
     previous = _terminate_like_interrupt()
     try:
         return {"segment": _segment, "embed": _embed, "evaluate": _evaluate, "models": _models,
-                "download": _download, "train": _train}[args.command](args)
+                "download": _download, "train": _train, "convert": _convert}[args.command](args)
     except KeyboardInterrupt as exc:
         # finally-blocks have removed the unfinished outputs and spill folders on the way out
         how = "terminated (SIGTERM)" if isinstance(exc, Terminated) else "interrupted"

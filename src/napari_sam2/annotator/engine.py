@@ -562,7 +562,7 @@ class Annotator:
         from ..tracking import add_parents, ctc_tracks, tracks_table
 
         fmt = label_format(fmt) if fmt else format_of_path(path)
-        tracks = ctc_tracks(add_parents(tracks_table(video), parents)) if fmt == "ctc" else None
+        tracks = ctc_tracks(add_parents(tracks_table(video), parents)) if fmt in ("ctc", "geff") else None
         try:
             out = write_labels(Path(path), video, fmt, tracks=tracks, overwrite=True)
         except Exception as exc:
