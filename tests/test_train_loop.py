@@ -158,3 +158,14 @@ def test_cli_train_ctrl_c_saves_the_state_and_resume_finishes(tmp_path, base, st
     with open(output_paths(tmp_path / "mine.pt")["csv"]) as f:
         assert [int(r["step"]) for r in csv.DictReader(f)] == list(range(0, 7))
     build_model("sam2.1_hiera_tiny", checkpoint=tmp_path / "mine.pt", image_size=SIZE)
+
+
+def test_the_resumable_state_holds_any_option_a_user_passes(tmp_path):
+    from napari_sam2.train.augment import Augment
+    from napari_sam2.train.loop import _settings_record
+    from napari_sam2.train.prompts import PromptSettings
+
+    record = _settings_record(augment=Augment(), lr=np.float64(1e-4), prompts=PromptSettings(), out=tmp_path / "x.pt")
+    torch.save({"settings": record}, tmp_path / "state.pt")
+    loaded = torch.load(tmp_path / "state.pt", weights_only=True)["settings"]  # no pickled classes
+    assert loaded == record and loaded["lr"] == 1e-4 and loaded["augment"]["rot90"] is True

@@ -127,8 +127,18 @@ def run_training(task: Task, choice: ModelChoice, view: StackView, labels, reque
         except CheckpointError as exc:
             raise AnnotatorError(f"could not get the {choice.model} weights to fine-tune: {exc}") from exc
         task.done, task.total = 0, steps
+    # train only on the annotated span: frames after the last corrected one would teach the model
+    # that every cell vanished there
+    video = view.video
+    annotated = np.flatnonzero(labels.reshape(labels.shape[0], -1).any(axis=1))
+    first, last = int(annotated[0]), int(annotated[-1])
+    axes = view.axes or ""
+    if (first, last) != (0, labels.shape[0] - 1) and "T" in axes and len(axes) == np.ndim(video):
+        index = [slice(None)] * len(axes)
+        index[axes.index("T")] = slice(first, last + 1)
+        video, labels = video[tuple(index)], labels[first : last + 1]
     # the axes the session reads the video with (an RGB movie is TYXC, which a bare array's guess misses)
-    images = open_stack(view.video, axes=view.axes)
+    images = open_stack(video, axes=view.axes)
     losses: list[float] = []
 
     def on_step(row: dict) -> None:

@@ -46,6 +46,8 @@ def add_parser(sub, add_model_options) -> None:
     tr.add_argument("--max-objects", type=int, default=3, metavar="N", help="objects per clip (default 3)")
     tr.add_argument("--no-augment", action="store_true", help="no flips, rotations, zoom or intensity changes")
     tr.add_argument("--val-every", type=int, metavar="N", help="validate every N steps (default: 10 times per run)")
+    tr.add_argument("--axes", metavar="AXES", help="axes of the image files when their metadata does not say, "
+                    "e.g. TYX (a 3- or 4-frame TIFF would read as channels)")
     tr.add_argument("--seed", type=int, default=0, help="random seed (default 0): the same seed gives the same run")
     tr.add_argument("--threads", type=int, metavar="N", help="torch CPU threads")
     tr.add_argument("--no-progress", action="store_true", help="no progress bar")
@@ -66,7 +68,7 @@ def run(args: argparse.Namespace, error) -> int:
             epochs=args.epochs, image_size=args.image_size, freeze_encoder=args.freeze_encoder, lora=args.lora,
             device=args.device, precision=args.precision, resume=args.resume, lr=args.lr, vision_lr=args.vision_lr,
             accumulate=args.accumulate, num_frames=args.num_frames, max_num_objects=args.max_objects,
-            augment=not args.no_augment, val_every=args.val_every, seed=args.seed, progress=not args.no_progress,
+            augment=not args.no_augment, val_every=args.val_every, seed=args.seed, axes=args.axes, progress=not args.no_progress,
         )
     except (TrainingError, TrainingDataError, CheckpointError, ValueError, OSError) as exc:
         return error(str(exc))

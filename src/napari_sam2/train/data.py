@@ -34,6 +34,7 @@ as absent there.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import re
 import warnings
@@ -463,6 +464,10 @@ def make_clip(seq: Sequence, frames: list[int], object_ids: list[int], image_siz
         window = zoom_window(labels[0].shape, tuple(int(v) for v in bbox), transform.scale, rng)
         fill = float(np.median(units[0])) if window[2] > units[0].shape[0] or window[3] > units[0].shape[1] else 0.0
         labels = [crop(lab, window, 0) for lab in labels]
+        if labels[0].shape[0] != labels[0].shape[1] and transform.rot90 % 2:
+            # the frame is squashed to the square input after this: a quarter turn would stretch the
+            # cells across, which inference never shows; half turns only
+            transform = dataclasses.replace(transform, rot90=transform.rot90 & 2)
         unit = torch.stack([resize_unit(crop(u, window, fill), image_size) for u in units])  # T x C x S x S, C = 1 or 3
         images = imagenet_normalize(apply_geometry(apply_intensity(unit, transform, rng), transform))
     masks = torch.stack([resize_masks(lab[None] == ids[:, None, None], image_size) for lab in labels])  # T x N x S x S

@@ -44,6 +44,7 @@ from .validate import validate
 log = logging.getLogger("napari_sam2")
 
 STATE_VERSION = 1
+MAX_DEFAULT_VAL = 16  # training sequences validated on when no validation data is given
 
 
 class TrainingError(ValueError):
@@ -133,9 +134,7 @@ def write_log(rows: list[dict], path: Path) -> None:
 
 
 def plot_history(rows: list[dict], path: Path, title: str) -> None:
-    import matplotlib
-
-    matplotlib.use("Agg", force=False)
+    # a bare Figure needs no backend: pyplot's (the user's, in napari) is left alone
     from matplotlib.figure import Figure
 
     fig = Figure(figsize=(9, 3.6), dpi=110)
@@ -174,8 +173,23 @@ def validation_clips(sequences, image_size: int, num_frames: int, max_objects: i
     return clips
 
 
+def _plain(value):
+    """A value the resumable state can hold under ``torch.load(weights_only=True)``."""
+    if dataclasses.is_dataclass(value) and not isinstance(value, type):
+        return _plain(dataclasses.asdict(value))
+    if isinstance(value, dict):
+        return {str(k): _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if isinstance(value, (bool, int, float, str)) or value is None:
+        return value
+    return str(value)
+
+
 def _settings_record(**kw) -> dict:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in kw.items()}
+    return {k: _plain(v) for k, v in kw.items()}
 
 
 def finetune(
@@ -205,6 +219,7 @@ def finetune(
     val_every: int | None = None,
     save_every: int | None = None,
     seed: int = 0,
+    axes: str | None = None,
     prompts: PromptSettings = DEFAULT_PROMPTS,
     progress: bool = True,
     on_step: Callable[[dict], None] | None = None,
@@ -241,6 +256,9 @@ def finetune(
         Clips per optimiser step (gradient accumulation).
     val_every, save_every
         Validate / save the resumable state every N steps (default: 10 times per run).
+    axes
+        Axes of the image files when their metadata does not say (e.g. ``"TYX"`` for a 3- or 4-frame TIFF,
+        which would otherwise read as channels).
     on_step, cancel
         A callback with each step's row; an event that stops training (state saved).
 
@@ -254,8 +272,8 @@ def finetune(
         raise TrainingError(f"lora must be a positive rank (e.g. 8), got {lora}.")
     if accumulate < 1:
         raise TrainingError(f"accumulate must be >= 1, got {accumulate}.")
-    sequences = open_training_data(specs)
-    val_sequences = open_training_data(val_specs) if val_specs else sequences
+    sequences = open_training_data(specs, axes=axes)
+    val_sequences = open_training_data(val_specs, axes=axes) if val_specs else sequences
 
     dev = resolve_device(device)
     net = build_model(model, checkpoint=checkpoint, device=dev, image_size=image_size, precision="fp32")
@@ -275,7 +293,7 @@ def finetune(
                                 num_frames=num_frames, max_num_objects=max_num_objects, accumulate=accumulate,
                                 lr=lr, vision_lr=vision_lr, weight_decay=weight_decay, layer_decay=layer_decay,
                                 grad_clip=grad_clip, augment=augment, seed=seed, steps=steps,
-                                prompts=dataclasses.asdict(prompts),
+                                prompts=prompts,
                                 data=[s.name for s in sequences], val=[s.name for s in val_sequences])
 
     train_encoder = True
@@ -304,6 +322,10 @@ def finetune(
             f"{paths['state']} holds an earlier run: pass --resume (resume=True) to continue it, or delete it "
             "(or choose another --out) to start over."
         )
+    if val is None and len(val_sequences) > MAX_DEFAULT_VAL:
+        # a folder of many single images would hold (and track) a clip per image at every validation
+        pick = np.linspace(0, len(val_sequences) - 1, MAX_DEFAULT_VAL).round().astype(int)
+        val_sequences = [val_sequences[i] for i in pick]
     val_clips = validation_clips(val_sequences, size, num_frames)
     autocast = _autocast(precision, dev)
     log.info("fine-tuning %s at %d px on %s (%s): %d steps, %d trainable parameters, %s",
@@ -318,7 +340,7 @@ def finetune(
         }, paths["state"])
         write_log(history.rows, paths["csv"])
 
-    if start == 0:
+    if not history.rows:
         # the scores before training: what fine-tuning is measured against
         history.rows.append({"step": 0, **validate(net, val_clips, dev)})
     bar = _progress(progress, steps, start)
@@ -358,7 +380,7 @@ def finetune(
                 on_step(row)
             if (step + 1) % save_every == 0 and step + 1 < steps:
                 save_state(step + 1)
-    except (KeyboardInterrupt, TrainingCancelled):
+    except BaseException:  # Ctrl-C, cancel, or an error raised by on_step: the steps done are kept
         save_state(history.rows[-1]["step"])
         raise
     finally:
