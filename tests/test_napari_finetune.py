@@ -182,6 +182,17 @@ def test_bad_labels_and_outputs_are_refused_before_training(session, movie, choi
     settle(annotator)
     assert "labels are empty" in str(failure(rec, task))
     assert calls == [] and not out.exists() and annotator.choice == choice
+    # an image opened from cells.png and the output cells.pt: the loss plot cells.png would replace it
+    from napari.layers._source import layer_source
+
+    picture = tmp_path / "cells.png"
+    picture.write_bytes(b"the user's image")
+    with layer_source(path=str(picture)):
+        opened = Image(movie.image, name="cells")
+    annotator.show(StackView(opened))
+    with pytest.raises(AnnotatorError, match="over the image's own file"):
+        annotator.train(movie.labels, tmp_path / "cells.pt")
+    assert picture.read_bytes() == b"the user's image"
     annotator.show(None)
     with pytest.raises(AnnotatorError, match="no image"):
         annotator.train(movie.labels, out)

@@ -94,6 +94,11 @@ def check_request(view: StackView | None, choice: ModelChoice | None, labels, ou
     if choice.checkpoint and _same_file(target, Path(choice.checkpoint)):
         raise AnnotatorError(f"{target} is the checkpoint in use, the base of the fine-tuning: choose another "
                              "output file.")
+    source = getattr(getattr(getattr(view, "layer", None), "source", None), "path", None)
+    clash = [p for p in paths.values() if source and _same_file(p, Path(source))]
+    if clash:  # e.g. Output "cells.pt" beside an image opened from "cells.png": the plot would replace it
+        raise AnnotatorError(f"fine-tuning would write {clash[0].name} over the image's own file {source}: "
+                             "choose another output file.")
     if paths["state"].exists() and not options.get("resume"):  # finetune would refuse it: say it in GUI terms
         raise AnnotatorError(f"{paths['state']} holds an earlier fine-tuning run to {target.name}: choose another "
                              "output file, or delete it to start over.")
