@@ -217,6 +217,22 @@ def perturb_(model: torch.nn.Module, seed: int = 0, std: float = PERTURB_STD) ->
     return model
 
 
+def _instantiate(name: str, overrides, seed: int, image_size: int | None) -> torch.nn.Module:
+    """The reference model of config ``name`` with ``overrides``, initialised from ``seed`` (the
+    caller's RNG state untouched), on CPU."""
+    from hydra.utils import instantiate
+
+    overrides = list(overrides)
+    if image_size is not None:
+        # a smaller input (e.g. 512) keeps parity tests fast; every module adapts to it
+        overrides.append(f"++model.image_size={int(image_size)}")
+    cfg = _compose(name, overrides)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(int(seed))
+        model = instantiate(cfg.model, _recursive_=True)
+    return model.to("cpu")
+
+
 def build_reference(
     name: str,
     seed: int = 0,
@@ -258,17 +274,7 @@ def build_reference(
     torch.nn.Module
         On CPU, eval mode, float32.
     """
-    from hydra.utils import instantiate
-
-    overrides = list(VIDEO_PREDICTOR_OVERRIDES)
-    if image_size is not None:
-        # a smaller input (e.g. 512) keeps video parity tests fast; every module adapts to it
-        overrides.append(f"++model.image_size={int(image_size)}")
-    cfg = _compose(name, overrides)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
-        model = instantiate(cfg.model, _recursive_=True)
-    model = model.to("cpu").eval()
+    model = _instantiate(name, VIDEO_PREDICTOR_OVERRIDES, seed, image_size).eval()
     if perturb:
         perturb_(model, seed)
         if obj_score_bias:
@@ -308,16 +314,7 @@ def build_reference_trainer(name: str, seed: int = 0, *, image_size: int | None 
     with every dropout off (so that its forward pass is deterministic and comparable).
 
     Needs the reference's ``training`` package importable (see SAM2_FACTS: tensordict & co.)."""
-    from hydra.utils import instantiate
-
-    overrides = list(TRAINER_OVERRIDES)
-    if image_size is not None:
-        overrides.append(f"++model.image_size={int(image_size)}")
-    cfg = _compose(name, overrides)
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(int(seed))
-        model = instantiate(cfg.model, _recursive_=True)
-    model = model.to("cpu")
+    model = _instantiate(name, TRAINER_OVERRIDES, seed, image_size)
     perturb_(model, seed)
     if obj_score_bias:
         _obj_score_head_bias(model).data.add_(float(obj_score_bias))

@@ -147,15 +147,20 @@ def open_training_data(specs, *, axes: str | None = None) -> list[Sequence]:
         spec without both sides, labels that are not integers or whose shape differs from the images',
         ground truth without any labelled object. Every label frame is read once here.
     """
-    if isinstance(specs, (str, os.PathLike, Sequence)) or _is_array_pair(specs):
-        specs = [specs]
     sequences: list[Sequence] = []
-    for spec in specs:
+    for spec in spec_list(specs):
         sequences += _open_spec(spec, axes)
     if not sequences:
         raise TrainingDataError("no training data: give at least one CTC folder, 'IMAGE::LABELS' spec or "
                                 "(image, labels) pair")
     return sequences
+
+
+def spec_list(specs) -> list:
+    """One spec or a list of them -> the list (an ``(image, labels)`` pair of arrays is one spec)."""
+    if isinstance(specs, (str, os.PathLike, Sequence)) or _is_array_pair(specs):
+        return [specs]
+    return list(specs)
 
 
 def _is_array_pair(spec) -> bool:

@@ -33,8 +33,9 @@ import numpy as np
 import torch
 
 from ..build import build_model, resolve_device
+from ..io.atomic import atomic_path
 from ..precision import resolve_precision
-from .data import Clip, ClipSampler, TrainingDataError, clip_from_frames, open_training_data
+from .data import Clip, ClipSampler, TrainingDataError, clip_from_frames, open_training_data, spec_list
 from .forward import clip_features, track_clip
 from .loss import LOSS_NAMES, clip_loss
 from .optim import build_optimizer, clip_gradients, set_learning_rates
@@ -109,14 +110,9 @@ def _check_outputs(paths: dict[str, Path], data_specs: Sequence, checkpoint) -> 
 
 
 def _atomic(path: Path, write: Callable[[Path], None]) -> None:
-    """``write(tmp)`` to a hidden sibling (same suffix), then rename it over ``path``."""
-    tmp = path.with_name(f".{path.stem}.tmp{os.getpid()}{path.suffix}")
-    try:
+    """``write(tmp)`` to the project's hidden temporary sibling, then rename it over ``path``."""
+    with atomic_path(path, overwrite=True) as tmp:
         write(tmp)
-        os.replace(tmp, path)
-    finally:
-        with contextlib.suppress(FileNotFoundError):
-            tmp.unlink()
 
 
 def _atomic_save(obj, path: Path) -> None:
@@ -157,7 +153,7 @@ def plot_history(rows: list[dict], path: Path, title: str) -> None:
     if val:
         ax_val.legend(fontsize=8)
     fig.tight_layout()
-    _atomic(path, fig.savefig)
+    _atomic(path, lambda tmp: fig.savefig(tmp, format="png"))  # the temporary has no .png suffix
 
 
 def validation_clips(sequences, image_size: int, num_frames: int, max_objects: int = 10) -> list[Clip]:
@@ -265,8 +261,8 @@ def finetune(
     Returns the :class:`TrainingHistory`.
     """
     paths = output_paths(out)
-    specs = list(data) if isinstance(data, (list, tuple)) and not _is_array_pair(data) else [data]
-    val_specs = (list(val) if isinstance(val, (list, tuple)) and not _is_array_pair(val) else [val]) if val is not None else []
+    specs = spec_list(data)
+    val_specs = spec_list(val) if val is not None else []
     _check_outputs(paths, specs + val_specs, checkpoint)
     if lora is not None and lora <= 0:
         raise TrainingError(f"lora must be a positive rank (e.g. 8), got {lora}.")
@@ -390,10 +386,6 @@ def finetune(
     _save_checkpoint(net, lora, paths["checkpoint"])
     plot_history(history.rows, paths["plot"], f"{model} fine-tuning")
     return history
-
-
-def _is_array_pair(value) -> bool:
-    return isinstance(value, tuple) and len(value) == 2 and all(hasattr(v, "shape") for v in value)
 
 
 def _autocast(precision: str, device: torch.device):
