@@ -8,6 +8,7 @@ import numpy as np
 import torch
 
 from napari_sam2.io import percentile_range
+from napari_sam2.synthetic_steering import cells_covered, children_of
 
 
 class GroundTruthPredictor:
@@ -29,9 +30,12 @@ class GroundTruthPredictor:
     model : optional
         What ``.model`` returns (the network the automatic mask generator would use).
 
+    ``end_object(state, obj_id, t)`` ends an object's track as the real predictor does: it is not
+    tracked (nor yielded) from frame t on.
+
     Every call is logged in order in ``log``: ``("init", axes, shape, history)``,
-    ``("prompt", t, obj_id, label)``, ``("mask", t, obj_id, label)``, ``("yield", t, reverse)``,
-    ``("close",)``.
+    ``("prompt", t, obj_id, label)``, ``("mask", t, obj_id, label)``, ``("end", t, obj_id)``,
+    ``("yield", t, reverse)``, ``("close",)``; ``steps`` holds ``(t, objects tracked)`` per frame yielded.
     """
 
     history = "disk"
@@ -40,29 +44,36 @@ class GroundTruthPredictor:
         self.gt = gt
         self.fail_at = fail_at
         self.model = model
-        self.children: dict[int, list[int]] = {}
-        for lab, _, _, parent in lineage or ():
-            if parent:
-                self.children.setdefault(parent, []).append(lab)
+        self.children = children_of(lineage)
         self.log: list[tuple] = []
+        self.steps: list[tuple[int, int]] = []
 
     def init_state(self, video, history=None, **kwargs):
         self.log.append(("init", video.axes, tuple(video.shape), history or self.history))
-        state = SimpleNamespace(objs={}, scores={}, intensity_range=percentile_range(video.data))
+        state = SimpleNamespace(objs={}, scores={}, ends={}, prompted={},
+                                intensity_range=percentile_range(video.data))
         state.object_score_logits = lambda obj: state.scores[obj]
         return state
 
     def _cells(self, label: int, t: int) -> list[int]:
         """The ground-truth labels object `label` covers on frame t: itself, or its live descendants."""
-        if (self.gt[t] == label).any() or label not in self.children:
-            return [label]
-        return [c for d in self.children[label] for c in self._cells(d, t)]
+        return cells_covered(self.gt[t], label, self.children)
 
     def _attach(self, state, kind, t, obj_id, label):
         self.log.append((kind, t, obj_id, int(label)))
         assert label > 0, "the prompt does not touch a cell"
         state.objs[obj_id] = int(label)
+        state.prompted.setdefault(obj_id, set()).add(t)
+        state.ends.pop(obj_id, None)
         state.scores.setdefault(obj_id, np.full(len(self.gt), np.nan, np.float32))
+
+    def end_object(self, state, obj_id, frame_idx):
+        later = [f for f in state.prompted[obj_id] if f >= frame_idx]
+        if later:
+            raise ValueError(f"object {obj_id} has prompts on frame(s) {later}")
+        self.log.append(("end", frame_idx, obj_id))
+        state.ends[obj_id] = min(frame_idx, state.ends.get(obj_id, frame_idx))
+        state.scores[obj_id][frame_idx:] = np.nan
 
     def add_new_points_or_box(self, state, frame_idx, obj_id, points=None, labels=None, box=None):
         if points is not None:
@@ -82,11 +93,13 @@ class GroundTruthPredictor:
         for t in order:
             if t == self.fail_at:
                 raise RuntimeError(f"simulated crash on frame {t}")
-            ids = list(state.objs)
-            inside = np.stack([np.isin(self.gt[t], self._cells(state.objs[o], t)) for o in ids])
+            ids = [o for o in state.objs if t < state.ends.get(o, len(self.gt))]
+            inside = np.stack([np.isin(self.gt[t], self._cells(state.objs[o], t)) for o in ids]) if ids else \
+                np.zeros((0, *self.gt.shape[1:]), bool)
             for o, m in zip(ids, inside):
                 state.scores[o][t] = 8.0 if m.any() else -8.0
             self.log.append(("yield", t, reverse))
+            self.steps.append((t, len(ids)))
             yield t, ids, torch.from_numpy(np.where(inside[:, None], 8.0, -8.0).astype(np.float32))
 
     def close(self, state):

@@ -23,6 +23,7 @@ import pandas as pd
 
 from .io import Stack, ZarrLabelsWriter, open_stack, video_view
 from .labels import LABEL_DTYPE, logits_to_labels, open_label_sink
+from .lineage import LOST_AFTER
 from .modeling.configs import DEFAULT_MODEL
 from .predictor.generator_parameters import generator_parameters
 from .prompts import Prompts, build_prompts
@@ -239,6 +240,7 @@ def segment_stack(
     callback: Callable[[int, np.ndarray], Any] | None = None,
     detect_new=None,
     detect_divisions=False,
+    lost_after: int | None = LOST_AFTER,
 ) -> SegmentationResult:
     """Segment and track objects through a time-lapse with SAM2.
 
@@ -308,7 +310,13 @@ def segment_stack(
         daughters start, ``parent`` recorded): ``True``, a dict or a
         :class:`napari_sam2.lineage.DivisionParams`. With either option the backward pass (if any)
         runs first with the prompted objects only, then the forward pass adds objects; the tracks get
-        a ``parent`` column. See ``docs/tracking.md``.
+        a ``parent`` column. A divided parent's track ends (it is no longer tracked). See
+        ``docs/tracking.md``.
+    lost_after
+        With ``detect_new`` or ``detect_divisions``: an object without a pixel on this many consecutive
+        frames of the forward pass has left: its track ends and it is no longer tracked (a cell coming
+        back later is found by ``detect_new`` as a new track). ``None``: objects are never ended (SAM2's
+        own behaviour, which recovers from any occlusion). Unused without those options.
 
     Returns
     -------
@@ -328,7 +336,8 @@ def segment_stack(
     plan = _plan(stack, dict(points=points, boxes=boxes, masks=masks, obj_ids=obj_ids, positive=positive,
                              box_ids=box_ids, mask_frame=mask_frame),
                  axes=axes, channel=channel, planes=dict(z=z, z_project=z_project, along=along, t=t),
-                 direction=direction, auto=auto, detect_new=detect_new, detect_divisions=detect_divisions)
+                 direction=direction, auto=auto, detect_new=detect_new, detect_divisions=detect_divisions,
+                 lost_after=lost_after)
     if predictor is None:
         from .predictor.video import build_video_predictor
 
@@ -373,6 +382,7 @@ class _Plan:
     passes: list
     new_params: Any = None
     div_params: Any = None
+    lost_after: int | None = None
 
     @property
     def lineage(self) -> bool:
@@ -384,7 +394,7 @@ class _Plan:
 
 
 def _plan(stack, prompt_args: dict, *, axes, channel, planes, direction, auto, detect_new,
-          detect_divisions) -> _Plan:
+          detect_divisions, lost_after) -> _Plan:
     """Validate, open the stack, read the prompts and check them against it, and plan the passes."""
     from .lineage import division_params, new_object_params
 
@@ -398,6 +408,8 @@ def _plan(stack, prompt_args: dict, *, axes, channel, planes, direction, auto, d
     new_params = new_object_params(detect_new)
     div_params = division_params(detect_divisions)
     lineage = new_params is not None or div_params is not None
+    if lost_after is not None and (isinstance(lost_after, bool) or int(lost_after) < 1):
+        raise ValueError(f"lost_after must be a number of frames >= 1, or None (never end a lost object), got {lost_after!r}")
     if lineage and direction == "backward":
         raise ValueError("detect_new / detect_divisions work while propagating forward: use direction='forward' or 'both'")
     if new_params is not None and new_params.mask_source is None:
@@ -413,7 +425,8 @@ def _plan(stack, prompt_args: dict, *, axes, channel, planes, direction, auto, d
             raise ValueError("auto= seeds objects when no prompt is given; prompts were given too: drop one")
         first, last = prompts.frames[0], prompts.frames[-1]
     passes = plan_passes(direction, [first, last], 0, n_frames - 1, backward_first=lineage)
-    return _Plan(video, (n_frames, height, width), prompts, first, passes, new_params, div_params)
+    return _Plan(video, (n_frames, height, width), prompts, first, passes, new_params, div_params,
+                 None if lost_after is None else int(lost_after))
 
 
 def _run(plan: _Plan, run: VideoPredictorLike, sink, table: TrackTable, auto, progress, callback):
@@ -452,7 +465,7 @@ def _run(plan: _Plan, run: VideoPredictorLike, sink, table: TrackTable, auto, pr
                     from .lineage import LineageTracker
 
                     tracker = LineageTracker(run, state, plan.video, ids, plan.new_params, plan.div_params,
-                                             rgb=plan.rgb)
+                                             rgb=plan.rgb, lost_after=plan.lost_after)
                     tracker.propagate(p.start, emit)
                     continue
                 for frame_idx, frame_ids, logits in run_passes(run, state, [p]):

@@ -3,7 +3,7 @@
 ::
 
     napari-sam2 segment INPUT... --out DIR (--prompts FILE_OR_DIR | --auto) [--format zarr|tiff|ctc|geff] ...
-    napari-sam2 evaluate RESULT_DIR GT_DIR [--json]
+    napari-sam2 evaluate RESULT GT_DIR [--json]
     napari-sam2 convert RESULT OUT [--overwrite]
     napari-sam2 models
     napari-sam2 download NAME
@@ -23,6 +23,7 @@ import threading
 from pathlib import Path
 
 from .label_formats import LABEL_FORMATS
+from .lineage import LOST_AFTER
 from .modeling.configs import DEFAULT_MODEL
 from .propagation import DIRECTIONS
 
@@ -110,6 +111,9 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--detect-divisions", action="store_true", help="a masklet that splits into two comparable "
                      "parts divides: the parent ends, two daughters start; the lineage goes into the tracks "
                      "(parent column) and res_track.txt")
+    seg.add_argument("--lost-after", type=_positive_int, default=LOST_AFTER, metavar="K",
+                     help="with --detect-new / --detect-divisions: a cell without a pixel on K consecutive frames "
+                     f"has left and its track ends (default {LOST_AFTER}; 0: never end a lost cell)")
     seg.add_argument("--skip-existing", action="store_true", help="skip inputs whose outputs are complete (resume a batch)")
     seg.add_argument("--overwrite", action="store_true", help="replace existing outputs")
     seg.add_argument("--scheduler", metavar="ADDRESS", help="send the inputs as tasks to this Dask distributed "
@@ -117,15 +121,17 @@ def build_parser() -> argparse.ArgumentParser:
     seg.add_argument("--threads", type=_positive_int, metavar="N", help="torch CPU threads per process")
     seg.add_argument("--no-progress", action="store_true", help="no progress bars")
 
-    ev = sub.add_parser("evaluate", help="score a CTC result folder against ground truth (the Cell Tracking "
-                        "Challenge measures)",
-                        description="Score a Cell Tracking Challenge result folder (mask000.tif..., res_track.txt) "
+    ev = sub.add_parser("evaluate", help="score a result (CTC folder, GEFF, OME-Zarr) against ground truth (the "
+                        "Cell Tracking Challenge measures)",
+                        description="Score a Cell Tracking Challenge result folder (mask000.tif..., res_track.txt), "
+                        "a GEFF (NAME.geff, labels beside it) or OME-Zarr labels (NAME.ome.zarr + NAME.tracks.csv) "
                         "against a ground-truth folder (TRA/man_track000.tif..., TRA/man_track.txt, optionally "
                         "SEG/man_seg000.tif...): SEG, DET, TRA, LNK, CT, TF, BC(i), CCA, BIO(i), OP_CSB, OP_CTB, "
                         "OP_CLB(i), CHOTA with py-ctcmetrics (the CTC's implementation), DIV_F1 (division F1) with "
                         "traccuracy. SEG, OP_CSB and OP_CTB need SEG/; a measure that cannot be computed is shown "
                         "as n/a with the reason, never as 0.")
-    ev.add_argument("result", metavar="RESULT_DIR", help="CTC result folder, e.g. results/01_RES")
+    ev.add_argument("result", metavar="RESULT", help="CTC result folder (e.g. results/01_RES), NAME.geff or "
+                    "NAME.ome.zarr")
     ev.add_argument("gt", metavar="GT_DIR", help="CTC ground-truth folder, e.g. 01_GT")
     ev.add_argument("--json", action="store_true", help="print one JSON object {measure: value} of the measures "
                     "computed (the reasons for the others go to stderr)")
@@ -381,7 +387,8 @@ def _segment(args: argparse.Namespace) -> int:
                "precision": args.precision, "feature_cache": _feature_cache(args.features),
                "axes": args.axes, "channel": args.channel, "z": args.z, "z_project": args.z_project,
                "along": args.along, "t": args.t, "direction": args.direction, "mask_frame": args.mask_frame,
-               "detect_new": detect_new, "detect_divisions": True if args.detect_divisions else None}
+               "detect_new": detect_new, "detect_divisions": True if args.detect_divisions else None,
+               "lost_after": args.lost_after or None}
     jobs = make_jobs(args.inputs, args.out, fmt=args.format, prompts=args.prompts, auto=auto, options=options,
                      overwrite=args.overwrite, skip_existing=args.skip_existing, threads=args.threads,
                      progress=not args.no_progress)

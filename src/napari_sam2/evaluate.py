@@ -150,7 +150,9 @@ def evaluate_ctc(result_dir: str | os.PathLike, gt_dir: str | os.PathLike, *, bc
     Parameters
     ----------
     result_dir : path-like
-        ``mask000.tif ...`` and ``res_track.txt``.
+        A CTC result folder (``mask000.tif ...`` and ``res_track.txt``), or a GEFF (``NAME.geff``,
+        the labels beside it) or OME-Zarr labels (``NAME.ome.zarr`` with ``NAME.tracks.csv``), which
+        are converted to a CTC folder in a temporary place first.
     gt_dir : path-like
         ``TRA/man_track000.tif ...``, ``TRA/man_track.txt`` and optionally ``SEG/man_seg000.tif ...``.
     bc_i : int
@@ -179,6 +181,8 @@ def evaluate_ctc(result_dir: str | os.PathLike, gt_dir: str | os.PathLike, *, bc
     result_dir, gt_dir = Path(result_dir), Path(gt_dir)
     if int(bc_i) < 0:
         raise ValueError(f"bc_i must be >= 0 frames, got {bc_i}")
+    if result_dir.name.lower().endswith((".geff", ".zarr")):
+        return _evaluate_converted(result_dir, gt_dir, bc_i, threads)
     seg = _check_layout(result_dir, gt_dir)
     graphs = _load_graphs(result_dir, gt_dir)
     values, absent = _ctc_measures(result_dir, gt_dir, bool(seg), int(bc_i), threads)
@@ -192,6 +196,27 @@ def evaluate_ctc(result_dir: str | os.PathLike, gt_dir: str | os.PathLike, *, bc
         absent.setdefault(key, "the library returned no value")
     return CTCScores({m: values[m] for m in MEASURES if m in values},
                      {m: absent[m] for m in MEASURES if m in absent}, int(bc_i))
+
+
+def _evaluate_converted(result: Path, gt_dir: Path, bc_i: int, threads: int) -> CTCScores:
+    """Score a GEFF or OME-Zarr (+ tracks CSV) result: converted to a CTC folder in a temporary place
+    first, as the libraries read CTC folders (tracks with gaps are split there, as the CTC requires)."""
+    import tempfile
+
+    from .convert import ConvertError, convert
+
+    if not gt_dir.is_dir():
+        raise CTCLayoutError(f"ground-truth folder '{gt_dir}' does not exist")
+    with tempfile.TemporaryDirectory(prefix="napari-sam2-evaluate-") as tmp:
+        folder = Path(tmp) / "RES"
+        try:
+            convert(result, folder)
+        except (ConvertError, FileNotFoundError) as exc:
+            raise CTCLayoutError(f"cannot evaluate '{result}': {exc}") from exc
+        try:
+            return evaluate_ctc(folder, gt_dir, bc_i=bc_i, threads=threads)
+        except CTCLayoutError as exc:
+            raise CTCLayoutError(str(exc).replace(str(folder), f"{result} (as CTC)")) from exc
 
 
 def _load_graphs(result_dir: Path, gt_dir: Path) -> dict:

@@ -115,7 +115,7 @@ class SyntheticTimelapse:
 
 
 @dataclass
-class _Cell:
+class Cell:
     label: int
     y: float
     x: float
@@ -136,12 +136,12 @@ class _Cell:
         self.target_b = self.target_b or self.b
 
 
-def _too_close(y: float, x: float, a: float, cells: list[_Cell], skip: _Cell | None = None,
+def _too_close(y: float, x: float, a: float, cells: list[Cell], skip: Cell | None = None,
                factor: float = 0.9) -> bool:
     return any(c is not skip and math.hypot(y - c.y, x - c.x) < (a + c.a) * factor for c in cells)
 
 
-def _render(cell: _Cell, labels: np.ndarray, signal: np.ndarray) -> None:
+def render_cell(cell: Cell, labels: np.ndarray, signal: np.ndarray) -> None:
     """Draw one ellipse into a label frame and its intensity into a signal frame, (Y, X)."""
     height, width = labels.shape
     reach = cell.a + 1
@@ -162,10 +162,10 @@ def _render(cell: _Cell, labels: np.ndarray, signal: np.ndarray) -> None:
     window[inside] = profile[inside]
 
 
-def _place_initial(rng: np.random.Generator, n_cells: int, shape: tuple[int, int],
-                   radius: float) -> list[_Cell]:
+def place_initial(rng: np.random.Generator, n_cells: int, shape: tuple[int, int],
+                   radius: float) -> list[Cell]:
     height, width = shape
-    cells: list[_Cell] = []
+    cells: list[Cell] = []
     speed = radius * 0.08
     for label in range(1, n_cells + 1):
         for _ in range(2000):
@@ -179,14 +179,14 @@ def _place_initial(rng: np.random.Generator, n_cells: int, shape: tuple[int, int
             raise ValueError(f"cannot fit {n_cells} cells of radius ~{radius:.0f} px into an image "
                              f"of shape {shape} without overlap; use fewer cells or a larger shape")
         angle = rng.uniform(0, 2 * math.pi)
-        cells.append(_Cell(label=label, y=y, x=x, a=a, b=b, theta=rng.uniform(0, math.pi),
+        cells.append(Cell(label=label, y=y, x=x, a=a, b=b, theta=rng.uniform(0, math.pi),
                            vy=speed * math.sin(angle), vx=speed * math.cos(angle),
                            brightness=rng.uniform(1500.0, 4000.0)))
     return cells
 
 
 def _entering_cell(rng: np.random.Generator, label: int, shape: tuple[int, int], radius: float,
-                   cells: list[_Cell]) -> _Cell | None:
+                   cells: list[Cell]) -> Cell | None:
     """A cell whose centre sits just outside a random border, moving inwards."""
     height, width = shape
     a, b = radius * 1.1, radius * 0.85
@@ -201,13 +201,13 @@ def _entering_cell(rng: np.random.Generator, label: int, shape: tuple[int, int],
             3: (along * height, width - 1 + 0.3 * a, 0.0, -speed),
         }[side]
         if not _too_close(y, x, a, cells, factor=1.2):
-            return _Cell(label=label, y=y, x=x, a=a, b=b, theta=math.atan2(vy, vx), vy=vy, vx=vx,
+            return Cell(label=label, y=y, x=x, a=a, b=b, theta=math.atan2(vy, vx), vy=vy, vx=vx,
                          brightness=rng.uniform(1500.0, 4000.0), entering=True)
     return None
 
 
-def _divide(rng: np.random.Generator, parent: _Cell, next_label: int,
-            shape: tuple[int, int]) -> list[_Cell]:
+def _divide(rng: np.random.Generator, parent: Cell, next_label: int,
+            shape: tuple[int, int]) -> list[Cell]:
     height, width = shape
     offset = 0.75 * parent.a
     cos, sin = math.cos(parent.theta), math.sin(parent.theta)
@@ -217,7 +217,7 @@ def _divide(rng: np.random.Generator, parent: _Cell, next_label: int,
         y = float(np.clip(parent.y + sign * offset * sin, a + 1, height - a - 1))
         x = float(np.clip(parent.x + sign * offset * cos, a + 1, width - a - 1))
         push = 0.05 * parent.a
-        daughters.append(_Cell(
+        daughters.append(Cell(
             label=next_label + k, y=y, x=x, a=a, b=b,
             theta=parent.theta + math.pi / 2 + rng.normal(0, 0.3),
             vy=parent.vy + sign * push * sin, vx=parent.vx + sign * push * cos,
@@ -227,7 +227,7 @@ def _divide(rng: np.random.Generator, parent: _Cell, next_label: int,
     return daughters
 
 
-def _move(rng: np.random.Generator, cell: _Cell, cells: list[_Cell], shape: tuple[int, int],
+def move_cell(rng: np.random.Generator, cell: Cell, cells: list[Cell], shape: tuple[int, int],
           speed: float) -> None:
     """Random walk with drift; steps that bump into a neighbour are retried, then skipped."""
     height, width = shape
@@ -264,7 +264,7 @@ def _move(rng: np.random.Generator, cell: _Cell, cells: list[_Cell], shape: tupl
     cell.b = min(cell.target_b, cell.b * 1.02)
 
 
-def _camera(rng: np.random.Generator, signal: np.ndarray, dtype: np.dtype) -> np.ndarray:
+def camera(rng: np.random.Generator, signal: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """Blur, shot noise and read noise on top of the offset; (Y, X) float -> `dtype`."""
     expected = ndimage.gaussian_filter(signal, PSF_SIGMA) + BACKGROUND
     scale = 1.0
@@ -321,7 +321,7 @@ def make_timelapse(n_frames: int = 20, shape: tuple[int, int] = (256, 256), n_ce
     radius = max(3.0, 0.06 * min(shape))
     speed = radius * 0.08
 
-    cells = _place_initial(rng, n_cells, shape, radius)
+    cells = place_initial(rng, n_cells, shape, radius)
     next_label = n_cells + 1
     if divide and n_frames >= 4 and cells:
         n_div = max(1, n_cells // 3)
@@ -351,19 +351,19 @@ def make_timelapse(n_frames: int = 20, shape: tuple[int, int] = (256, 256), n_ce
                 next_label += 1
         signal = np.zeros(shape, np.float64)
         for cell in sorted(cells, key=lambda c: c.label):
-            _render(cell, labels[t], signal)
+            render_cell(cell, labels[t], signal)
             rows.append((t, cell.label, cell.y, cell.x))
-        image[t] = _camera(rng, signal, dtype)
+        image[t] = camera(rng, signal, dtype)
         for cell in cells:
-            _move(rng, cell, cells, shape, speed)
+            move_cell(rng, cell, cells, shape, speed)
 
-    lineage = _lineage_from_labels(labels, parents)
+    lineage = lineage_from_labels(labels, parents)
     positions = pd.DataFrame(rows, columns=["frame", "label", "y", "x"])
     return SyntheticTimelapse(image=image, labels=labels, lineage=lineage, positions=positions,
                               seed=seed)
 
 
-def _lineage_from_labels(labels: np.ndarray, parents: dict[int, int]) -> list[tuple[int, int, int, int]]:
+def lineage_from_labels(labels: np.ndarray, parents: dict[int, int]) -> list[tuple[int, int, int, int]]:
     """CTC lineage from what was actually drawn (a cell hidden in a frame does not count)."""
     begin: dict[int, int] = {}
     end: dict[int, int] = {}
@@ -402,11 +402,11 @@ def write_ctc_ground_truth(ts: SyntheticTimelapse, dirpath: str | os.PathLike,
         `dirpath`.
     """
     from .io.atomic import atomic_path
-    from .io.ctc import check_tracks, format_tracks, write_ctc_folder
+    from .io.ctc import format_tracks, split_gaps, write_ctc_folder
 
     with atomic_path(dirpath, overwrite=overwrite, directory=True) as tmp:
-        spans, _ = write_ctc_folder(tmp, ts.labels, prefix="man_track", subdir="TRA")
-        rows = check_tracks(ts.lineage, spans, spans.n_frames)
+        spans, files = write_ctc_folder(tmp, ts.labels, prefix="man_track", subdir="TRA")
+        rows = split_gaps(files, spans, ts.lineage)
         (tmp / "TRA" / "man_track.txt").write_text(format_tracks(rows))
         write_ctc_folder(tmp, ts.labels, prefix="man_seg", subdir="SEG")
     return Path(dirpath)

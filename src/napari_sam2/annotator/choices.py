@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+from ..lineage import LOST_AFTER
+
 
 class AnnotatorError(Exception):
     """Something the user can fix; the message says what and how."""
@@ -22,10 +24,12 @@ class ModelChoice:
 
 @dataclass(frozen=True)
 class LineageOptions:
-    """Cells entering the field (looked for every ``new_every`` frames) and divisions while propagating forward."""
+    """Cells entering the field (looked for every ``new_every`` frames) and divisions while propagating forward;
+    a cell without a pixel on ``lost_after`` consecutive frames has left (None: never)."""
 
     new_every: int | None = None
     divisions: bool = False
+    lost_after: int | None = LOST_AFTER
 
     @property
     def on(self) -> bool:

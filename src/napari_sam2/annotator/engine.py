@@ -432,7 +432,7 @@ class Annotator:
         predictor, state, view = self._predictor, self._state, self._state_view
         video, _ = open_video(view.video, axes=view.axes)
         tracker = LineageTracker(predictor, state, video, list(state.obj_ids), new_object_params(options.new_every),
-                                 division_params(options.divisions), rgb=view.rgb)
+                                 division_params(options.divisions), rgb=view.rgb, lost_after=options.lost_after)
 
         class Interrupt(Exception):
             pass
@@ -451,9 +451,7 @@ class Annotator:
                 break
             except Interrupt as stop:
                 self._apply_prompts(task)
-                known = set(tracker.ids)
-                tracker.ids += [o for o in state.obj_ids if o not in known]
-                tracker.next_id = max([tracker.next_id, *(o + 1 for o in state.obj_ids)])
+                tracker.adopt(state.obj_ids)
                 start = int(stop.args[0]) + 1
                 if start >= state.num_frames:
                     break

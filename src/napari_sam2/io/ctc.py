@@ -7,9 +7,12 @@ last frame, parent label (0 for none). The ground-truth layout uses the same
 conventions with other names (``TRA/man_track000.tif`` + ``TRA/man_track.txt``,
 ``SEG/man_seg000.tif``).
 
-A label must appear in frame B and frame E and nowhere outside [B, E]
-(frames in between may miss it: the CTC tolerates gaps); a parent ends before
-its daughters begin.
+A label must appear in frame B and frame E and nowhere outside [B, E]; a parent
+ends before its daughters begin. A track may not miss a frame inside [B, E]:
+the CTC's evaluation (and both py-ctcmetrics and traccuracy) refuse that. A
+track that does (a cell SAM2 lost for a few frames and found again) is split
+when written: the part after the gap gets a new label whose parent is the part
+before it (:func:`split_gaps`), the CTC's own rule for interrupted tracks.
 """
 
 from __future__ import annotations
@@ -45,12 +48,14 @@ def ctc_digits(n_frames: int) -> int:
 
 
 class _SpanCounter:
-    """First/last frame (and number of frames) in which each label appears."""
+    """First/last frame (and number of frames) in which each label appears, and its runs of consecutive
+    frames (frames come in order)."""
 
     def __init__(self) -> None:
         self.begin: dict[int, int] = {}
         self.end: dict[int, int] = {}
         self.count: dict[int, int] = {}
+        self.runs: dict[int, list[list[int]]] = {}
         self.n_frames = 0
 
     def add(self, t: int, frame: np.ndarray) -> None:
@@ -59,6 +64,11 @@ class _SpanCounter:
             self.begin.setdefault(label, t)
             self.end[label] = t
             self.count[label] = self.count.get(label, 0) + 1
+            runs = self.runs.setdefault(label, [])
+            if runs and runs[-1][1] == t - 1:
+                runs[-1][1] = t
+            else:
+                runs.append([t, t])
         self.n_frames = max(self.n_frames, t + 1)
 
     def tracks(self) -> list[Track]:
@@ -218,6 +228,64 @@ def write_ctc_folder(folder: Path, frames, prefix: str, subdir: str = "",
     return spans, final
 
 
+def split_gaps(files: Sequence[Path], spans: _SpanCounter, tracks: Iterable[Sequence[int]]) -> list[Track]:
+    """Split every track that misses frames inside its span, in written CTC frames and in its table.
+
+    ``files``: the frames' TIFFs in order (rewritten where a label changes); ``spans``: what
+    :func:`write_ctc_folder` counted (updated); ``tracks``: the table, checked against ``spans``.
+    Each part after a gap gets a new label (above every label in use) whose parent is the part
+    before; daughters of a split track get its last part as parent. Returns the new table.
+    """
+    rows = check_tracks(tracks, spans, spans.n_frames)
+    gapped = {lab: runs for lab, runs in spans.runs.items() if len(runs) > 1}
+    if not gapped:
+        return rows
+    next_label = max([*spans.begin, *(r[0] for r in rows)]) + 1
+    needed = sum(len(r) - 1 for r in gapped.values())
+    if next_label + needed - 1 > 65535:
+        raise ValueError(f"splitting {len(gapped)} track(s) with gaps needs labels up to {next_label + needed - 1}, "
+                         "but CTC masks are 16-bit (at most 65535)")
+    last_part: dict[int, int] = {}
+    parts: dict[int, list[Track]] = {}
+    relabel: dict[int, dict[int, int]] = {}  # frame -> {old label: new label}
+    for label in sorted(gapped):
+        previous = label
+        segs = [(label, gapped[label][0][0], gapped[label][0][1], None)]
+        for b, e in gapped[label][1:]:
+            segs.append((next_label, b, e, previous))
+            for t in range(b, e + 1):
+                relabel.setdefault(t, {})[label] = next_label
+            spans.begin[next_label], spans.end[next_label] = b, e
+            spans.runs[next_label] = [[b, e]]
+            previous = next_label
+            next_label += 1
+        spans.end[label] = gapped[label][0][1]
+        spans.runs[label] = [gapped[label][0]]
+        parts[label] = segs
+        last_part[label] = previous
+    for t, mapping in sorted(relabel.items()):
+        frame = _lookup(tifffile.imread(files[t]), mapping)
+        tmp = files[t].with_suffix(".split.tif")
+        tifffile.imwrite(tmp, frame, compression="zlib")
+        os.replace(tmp, files[t])
+    out: list[Track] = []
+    for label, begin, end, parent in rows:
+        parent = last_part.get(parent, parent)
+        if label not in parts:
+            out.append((label, begin, end, parent))
+            continue
+        for seg_label, b, e, seg_parent in parts[label]:
+            out.append((seg_label, b, e, parent if seg_parent is None else seg_parent))
+    return check_tracks(out, spans, spans.n_frames)
+
+
+def _lookup(values: np.ndarray, mapping: dict[int, int]) -> np.ndarray:
+    out = values.copy()
+    for old, new in mapping.items():
+        out[values == old] = new
+    return out
+
+
 def write_ctc(dirpath: str | os.PathLike, frames, tracks: Iterable[Sequence[int]] | None = None,
               overwrite: bool = False) -> Path:
     """Write a Cell Tracking Challenge result folder, atomically.
@@ -234,7 +302,9 @@ def write_ctc(dirpath: str | os.PathLike, frames, tracks: Iterable[Sequence[int]
         The lineage. Default: `tracks_from_labels` of the frames (no parents).
         Checked against the masks: every label present in both, begin/end
         equal to the first/last frame of each label, parents ending before
-        their daughters begin.
+        their daughters begin. A label missing from frames inside its span
+        is split there (:func:`split_gaps`): ``res_track.txt`` lists the
+        parts, the later ones with new labels.
     overwrite : bool
         Replace an existing folder.
 
@@ -251,7 +321,7 @@ def write_ctc(dirpath: str | os.PathLike, frames, tracks: Iterable[Sequence[int]
         If the folder exists (without `overwrite`) or cannot be written.
     """
     with atomic_path(dirpath, overwrite=overwrite, directory=True) as tmp:
-        spans, _ = write_ctc_folder(tmp, frames, prefix="mask")
-        rows = spans.tracks() if tracks is None else check_tracks(tracks, spans, spans.n_frames)
+        spans, files = write_ctc_folder(tmp, frames, prefix="mask")
+        rows = split_gaps(files, spans, spans.tracks() if tracks is None else tracks)
         (tmp / "res_track.txt").write_text(format_tracks(rows))
     return Path(dirpath)

@@ -111,8 +111,17 @@ class FrameStore:
         for t in self.frames():
             self.discard(t)
 
+    def release(self) -> None:
+        """Empty the RAM window: entries go to disk (or are dropped without a spill folder), for an object
+        that will not be tracked again soon (an ended track)."""
+        window, self.ram_frames = self.ram_frames, 0
+        try:
+            self._evict()
+        finally:
+            self.ram_frames = window
+
     def _evict(self, keep: int | None = None) -> None:
-        while len(self._ram) > self.ram_frames:
+        while len(self._ram) > max(self.ram_frames, 0 if keep is None else 1):
             t, entry = next(iter(self._ram.items()))
             if t == keep:
                 self._ram.move_to_end(t)

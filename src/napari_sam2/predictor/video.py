@@ -43,6 +43,10 @@ class ObjectTrack:
         self.non_cond = FrameStore(num_frames, ram_frames=ram_frames, spill_dir=spill_dir)
         self.tracked = np.zeros(num_frames, dtype=np.int8)  # 0 untracked, 1 forward, 2 reverse
         self.scores = np.full(num_frames, np.nan, dtype=np.float32)  # object-present logits
+        self.end: int | None = None  # first frame the object no longer exists on (an ended track)
+
+    def alive(self, t: int) -> bool:
+        return self.end is None or t < self.end
 
     @property
     def bank(self) -> dict:
@@ -66,6 +70,7 @@ class ObjectTrack:
         self.non_cond.clear()
         self.tracked[:] = 0
         self.scores[:] = np.nan
+        self.end = None
 
 
 class VideoState:
@@ -105,6 +110,10 @@ class VideoState:
     def intensity_range(self) -> tuple[float, float]:
         """The (lo, hi) intensities mapped to 0 and 1 for the whole stack."""
         return self.frames.range
+
+    def track_end(self, obj_id) -> int | None:
+        """The first frame ``obj_id`` no longer exists on (see ``VideoPredictor.end_object``), None if it lives."""
+        return self.objects[obj_id].end
 
     def object_score_logits(self, obj_id) -> np.ndarray:
         """Object-present logit per frame for ``obj_id`` (> 0: visible; NaN: not computed)."""
@@ -378,7 +387,9 @@ class VideoPredictor:
 
     def _prepare_prompt(self, state: VideoState, obj: ObjectTrack, t: int):
         """Whether the prompt starts the object on t (else it corrects a tracked frame), its direction,
-        and where its output goes."""
+        and where its output goes. A prompt past an ended object's end brings it back to life."""
+        if not obj.alive(t):
+            obj.end = None
         is_init = bool(obj.tracked[t] == 0)
         reverse = bool(obj.tracked[t] == _REVERSE)
         key = "cond" if is_init or self.add_all_frames_to_correct_as_cond else "non_cond"
@@ -504,6 +515,30 @@ class VideoPredictor:
                 updated.append(self._frame_output(state, t, key)[::2])
         return state.obj_ids, updated
 
+    @torch.inference_mode()
+    def end_object(self, inference_state: VideoState, obj_id, frame_idx: int) -> None:
+        """End an object's track: from ``frame_idx`` on it no longer exists (a cell that divided into
+        daughters, or left the field). Propagation in either direction no longer tracks it (nor yields
+        it) on those frames, its results there are dropped and its RAM window is released (to the spill
+        folder with ``history="disk"``, so re-tracking earlier frames still sees its memories). Earlier
+        frames keep their results; a new prompt on or after ``frame_idx`` brings the object back."""
+        state = inference_state
+        t = self._check_frame(state, frame_idx)
+        obj = self._object(state, obj_id, create=False)
+        later = [f for f in sorted(set(obj.point_inputs) | obj.mask_input_frames) if f >= t]
+        if later:
+            raise ValueError(f"object {obj_id!r} has prompts on frame(s) {later}, on or after frame {t} where it "
+                             "would end: clear them first (clear_all_prompts_in_frame) or end it later.")
+        obj.end = t if obj.end is None else min(obj.end, t)
+        for f in [f for f in obj.non_cond.frames() if f >= t]:
+            obj.non_cond.discard(f)
+        for key in ("cond", "non_cond"):
+            for f in [f for f in obj.temp[key] if f >= t]:
+                del obj.temp[key][f]
+        obj.tracked[t:] = 0
+        obj.scores[t:] = np.nan
+        obj.non_cond.release()
+
     # ------------------------------------------------------------------ propagation
     def _preflight(self, state: VideoState) -> None:
         """Encode the memories of the prompted frames and move them into the memory banks."""
@@ -568,7 +603,8 @@ class VideoPredictor:
                 state.features.prefetch(order[i + 1])
             masks: dict[Any, torch.Tensor] = {}
             to_track = []
-            for o in objs:
+            live = [o for o in objs if o.alive(t)]  # an ended track costs nothing from its end on
+            for o in live:
                 if t in o.cond:
                     masks[o.obj_id] = o.cond[t]["pred_masks"]
                 else:
@@ -579,10 +615,13 @@ class VideoPredictor:
                     o.non_cond[t] = out
                     masks[o.obj_id] = out["pred_masks"]
                     o.scores[t] = float(out["object_score_logits"])
-            for o in objs:
+            for o in live:
                 o.tracked[t] = _REVERSE if reverse else _FORWARD
-            stacked = torch.cat([masks[o.obj_id] for o in objs])
-            yield t, [o.obj_id for o in objs], self._video_res(state, stacked)
+            if not live:  # every track has ended: nothing left to run
+                yield t, [], torch.zeros((0, 1, state.video_height, state.video_width))
+                continue
+            stacked = torch.cat([masks[o.obj_id] for o in live])
+            yield t, [o.obj_id for o in live], self._video_res(state, stacked)
 
 
 def build_video_predictor(
