@@ -8,7 +8,7 @@ import numpy as np
 import torch
 
 from napari_sam2.io import percentile_range
-from napari_sam2.synthetic_steering import cells_covered, children_of
+from napari_sam2.synthetic_steering import cells_covered, children_of, prompted_cell
 
 
 class GroundTruthPredictor:
@@ -76,15 +76,10 @@ class GroundTruthPredictor:
         state.scores[obj_id][frame_idx:] = np.nan
 
     def add_new_points_or_box(self, state, frame_idx, obj_id, points=None, labels=None, box=None):
-        if points is not None:
-            x, y = np.asarray(points)[np.asarray(labels) == 1][0]
-        else:
-            x, y = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-        self._attach(state, "prompt", frame_idx, obj_id, self.gt[frame_idx, int(round(y)), int(round(x))])
+        self._attach(state, "prompt", frame_idx, obj_id, prompted_cell(self.gt[frame_idx], points, labels, box))
 
     def add_new_mask(self, state, frame_idx, obj_id, mask):
-        values = self.gt[frame_idx][np.asarray(mask, bool)]
-        self._attach(state, "mask", frame_idx, obj_id, np.bincount(values).argmax())
+        self._attach(state, "mask", frame_idx, obj_id, prompted_cell(self.gt[frame_idx], mask=mask))
 
     def propagate_in_video(self, state, start_frame_idx=None, max_frame_num_to_track=None, reverse=False):
         n = len(self.gt) if max_frame_num_to_track is None else max_frame_num_to_track

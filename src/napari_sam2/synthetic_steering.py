@@ -14,7 +14,20 @@ from __future__ import annotations
 import numpy as np
 import torch
 
-__all__ = ["GroundTruthSteering", "cells_covered", "children_of"]
+__all__ = ["GroundTruthSteering", "cells_covered", "children_of", "prompted_cell"]
+
+
+def prompted_cell(frame: np.ndarray, points=None, labels=None, box=None, mask=None) -> int:
+    """The ground-truth label a prompt picks on one frame (0: none): the cell under the first positive
+    click (x, y), under a box's centre, or the most frequent label under a mask."""
+    if mask is not None:
+        values = frame[np.asarray(mask, bool)]
+        return int(np.bincount(values).argmax()) if values.size else 0
+    if points is not None:
+        x, y = np.asarray(points)[np.asarray(labels) == 1][0]
+    else:
+        x, y = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
+    return int(frame[int(round(y)), int(round(x))])
 
 
 def cells_covered(frame: np.ndarray, label: int, children: dict[int, list[int]]) -> list[int]:
@@ -57,17 +70,12 @@ class GroundTruthSteering:
         self.follows[obj_id] = int(label)
 
     def add_new_points_or_box(self, state, frame_idx, obj_id, points=None, labels=None, box=None, **kwargs):
-        if points is not None:
-            x, y = np.asarray(points)[np.asarray(labels) == 1][0]
-        else:
-            x, y = (box[0] + box[2]) / 2, (box[1] + box[3]) / 2
-        self._follow(obj_id, self.gt[frame_idx, int(round(y)), int(round(x))])
+        self._follow(obj_id, prompted_cell(self.gt[frame_idx], points, labels, box))
         return self.predictor.add_new_points_or_box(state, frame_idx, obj_id, points=points, labels=labels, box=box,
                                                     **kwargs)
 
     def add_new_mask(self, state, frame_idx, obj_id, mask):
-        values = self.gt[frame_idx][np.asarray(mask, bool)]
-        self._follow(obj_id, int(np.bincount(values).argmax()) if values.size else 0)
+        self._follow(obj_id, prompted_cell(self.gt[frame_idx], mask=mask))
         return self.predictor.add_new_mask(state, frame_idx, obj_id, mask)
 
     def end_object(self, state, obj_id, frame_idx):
