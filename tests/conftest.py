@@ -132,22 +132,23 @@ def reference_ckpt_dir(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def reference_factory(reference_ckpt_dir):
-    """``factory(name, seed=0) -> (reference model, official-layout checkpoint path)``.
+    """``factory(name, seed=0, image_size=None) -> (reference model, official-layout checkpoint path)``.
 
-    Built once per (name, seed) per session. ``name``: "sam2_hiera_tiny", "sam2.1_hiera_tiny",
+    Built once per (name, seed, image_size) per session (``image_size`` None: the official 1024). ``name``: "sam2_hiera_tiny", "sam2.1_hiera_tiny",
     ... "_small", "_base_plus", "_large".
     """
     cache: dict[tuple[str, int], tuple[torch.nn.Module, Path]] = {}
 
-    def factory(name: str, seed: int = 0) -> tuple[torch.nn.Module, Path]:
+    def factory(name: str, seed: int = 0, image_size: int | None = None) -> tuple[torch.nn.Module, Path]:
         _need_reference()
-        key = (name, int(seed))
+        key = (name, int(seed), image_size)
         if key not in cache:
             from reference import build_reference, save_official_checkpoint
 
-            model = build_reference(name, seed)
+            model = build_reference(name, seed, image_size=image_size)
+            size = "" if image_size is None else f"_{image_size}"
             path = save_official_checkpoint(
-                model, reference_ckpt_dir / f"{name}_seed{int(seed)}.pt"
+                model, reference_ckpt_dir / f"{name}_seed{int(seed)}{size}.pt"
             )
             cache[key] = (model, path)
         return cache[key]

@@ -182,6 +182,13 @@ def test_masks_to_labels_highest_positive_logit():
     logits = torch.tensor([[[[-1.0, 2.0, 5.0, -3.0]]], [[[0.5, 3.0, 1.0, -0.1]]]])  # 2 x 1 x 1 x 4
     assert logits_to_labels(logits, [7, 9]).tolist() == [[9, 9, 7, 0]]
     assert logits_to_labels(torch.zeros(0, 1, 2, 3), []).shape == (2, 3)
+    with pytest.raises(ValueError, match="got 2 masks but 1 object ids"):
+        logits_to_labels(logits, [7])
+    # ids beyond what the winners' slots hold, and more objects than a 16-bit slot counts
+    many = torch.randn(40000, 1, 1, 3)
+    ids = np.arange(10**6, 10**6 + 40000)
+    best, index = many[:, 0].max(dim=0)
+    assert logits_to_labels(many, ids).tolist() == np.where(best > 0, ids[index], 0).tolist()
 
 
 # ------------------------------------------------------------------------------------ errors

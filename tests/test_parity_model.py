@@ -42,6 +42,7 @@ KEY_COUNTS = {
 }
 TINY21, TINY20 = "sam2.1_hiera_tiny", "sam2_hiera_tiny"
 IMG = 1024
+SEQ = 512  # input size of the tracking sequences (section 6)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -105,10 +106,11 @@ def ref_layout(f: FrameFeatures):
     return feats, pos, sizes
 
 
-def random_frame(ref, g: torch.Generator, b: int = 1) -> FrameFeatures:
-    """Random image features of one frame (shared by ``b`` objects), with the real sine position map."""
-    embed = torch.randn(1, 256, 64, 64, generator=g)
-    high_res = (torch.randn(1, 32, 256, 256, generator=g), torch.randn(1, 64, 128, 128, generator=g))
+def random_frame(ref, g: torch.Generator, b: int = 1, grid: int = 64) -> FrameFeatures:
+    """Random image features of one frame (shared by ``b`` objects), with the real sine position map;
+    ``grid`` x ``grid`` tokens (64: a 1024 input, 32: 512)."""
+    embed = torch.randn(1, 256, grid, grid, generator=g)
+    high_res = (torch.randn(1, 32, 4 * grid, 4 * grid, generator=g), torch.randn(1, 64, 2 * grid, 2 * grid, generator=g))
     with torch.inference_mode():
         pos = ref.image_encoder.neck.position_encoding(embed)
     return FrameFeatures(embed, pos, high_res).expand(b)
@@ -135,14 +137,15 @@ def disk(cx: float, cy: float, r: float, size: int = IMG) -> torch.Tensor:
 
 @pytest.fixture(scope="module")
 def pair(reference_factory):
-    """``pair(name) -> (reference, ours)``; ours loaded from the reference's checkpoint."""
+    """``pair(name, image_size=1024) -> (reference, ours)``; ours loaded from the reference's checkpoint."""
     cache = {}
 
-    def get(name: str):
-        if name not in cache:
-            ref, ckpt = reference_factory(name, 0)
-            cache[name] = (ref, build_model(name, checkpoint=ckpt))
-        return cache[name]
+    def get(name: str, image_size: int = IMG):
+        key = (name, image_size)
+        if key not in cache:
+            ref, ckpt = reference_factory(name, 0, None if image_size == IMG else image_size)
+            cache[key] = (ref, build_model(name, checkpoint=ckpt, image_size=image_size))
+        return cache[key]
 
     yield get
     cache.clear()
@@ -342,19 +345,21 @@ def test_memory_encoder(name, require_reference, pair):
 # --------------------------------------------------------------------------------------------------
 
 
-def _bank_entry(ref, g, b):
-    mem = torch.randn(b, 64, 64, 64, generator=g).to(torch.bfloat16)  # stored in bf16, like the predictor
+def _bank_entry(ref, g, b, grid=64):
+    mem = torch.randn(b, 64, grid, grid, generator=g).to(torch.bfloat16)  # stored in bf16, like the predictor
     with torch.inference_mode():
         mem_pos = ref.memory_encoder.position_encoding(mem).float()
     return {"maskmem_features": mem, "maskmem_pos_enc": [mem_pos], "obj_ptr": torch.randn(b, 256, generator=g)}
 
 
 @pytest.mark.parametrize(
-    "name,reverse,b",
-    [(TINY21, False, 2), (TINY21, True, 1), (TINY20, False, 1), (TINY20, True, 1)],
+    "name,reverse,b,grid",
+    # one at the official 64 x 64 grid (28.7k memory tokens); the bank's frames, order and encodings do
+    # not depend on the grid, and a 32 x 32 one costs 16x less attention
+    [(TINY21, False, 2, 32), (TINY21, True, 1, 64), (TINY20, False, 1, 32), (TINY20, True, 1, 32)],
     ids=["sam2.1-forward-2obj", "sam2.1-reverse", "sam2-forward", "sam2-reverse"],
 )
-def test_memory_attention_full_bank(name, reverse, b, require_reference, pair):
+def test_memory_attention_full_bank(name, reverse, b, grid, require_reference, pair):
     ref, ours = pair(name)
     g = torch.Generator().manual_seed(5)
     num_frames = 30
@@ -364,10 +369,10 @@ def test_memory_attention_full_bank(name, reverse, b, require_reference, pair):
     past = [frame - sign * d for d in range(1, 16)]  # 15 preceding frames: 6 memories, 15 pointers
     ignored = [frame - sign * 17, frame + sign * 2]  # too far back / in the future: must not be used
     bank = {
-        "cond_frame_outputs": {t: _bank_entry(ref, g, b) for t in cond_frames},
-        "non_cond_frame_outputs": {t: _bank_entry(ref, g, b) for t in past + ignored},
+        "cond_frame_outputs": {t: _bank_entry(ref, g, b, grid) for t in cond_frames},
+        "non_cond_frame_outputs": {t: _bank_entry(ref, g, b, grid) for t in past + ignored},
     }
-    feats = random_frame(ref, g, b)
+    feats = random_frame(ref, g, b, grid)
     vf, vp, sizes = ref_layout(feats)
     with torch.inference_mode():
         r = ref._prepare_memory_conditioned_features(
@@ -429,15 +434,16 @@ class Tracker:
 
 def test_track_sequence_forward(require_reference, pair):
     """8 frames, 2 objects: clicks on frame 0, a mask prompt on frame 2 (object 1's mask is empty: absent),
-    propagation, an occluded frame (both objects absent), a correction with clicks + previous logits."""
-    ref, ours = pair(TINY21)
+    propagation, an occluded frame (both objects absent), a correction with clicks + previous logits.
+    At a 512 input (SEQ): every step's arithmetic is the 1024 one's on a 32 x 32 grid, 10x cheaper."""
+    ref, ours = pair(TINY21, SEQ)
     g = torch.Generator().manual_seed(6)
     num_frames = 8
-    frames = [random_frame(ref, g, b=2) for _ in range(num_frames)]
+    frames = [random_frame(ref, g, b=2, grid=SEQ // 16) for _ in range(num_frames)]
     tr = Tracker(ref, ours, num_frames)
     tr.step(frames[0], 0, "cond clicks", init_cond=True,
-            point_inputs=points([[[500.0, 300.0]], [[100.0, 900.0]]], [[1], [1]]))
-    masks = torch.stack([disk(600.0, 400.0, 150.0), torch.zeros(IMG, IMG)])[:, None]
+            point_inputs=points([[[250.0, 150.0]], [[50.0, 450.0]]], [[1], [1]]))
+    masks = torch.stack([disk(300.0, 200.0, 75.0, SEQ), torch.zeros(SEQ, SEQ)])[:, None]
     r, o = tr.step(frames[2], 2, "cond mask", init_cond=True, mask_inputs=masks)
     assert r["object_score_logits"].flatten().tolist() == [10.0, -10.0]  # the empty mask: absent
     for t in (1, 3, 4):
@@ -449,7 +455,7 @@ def test_track_sequence_forward(require_reference, pair):
     r, _ = tr.step(frames[6], 6, "propagate")
     assert (r["object_score_logits"] > 0).all(), "objects come back after the occlusion"
     tr.step(frames[6], 6, "correction", correction=True,
-            point_inputs=points([[[610.0, 420.0], [50.0, 50.0]], [[300.0, 300.0], [700.0, 700.0]]],
+            point_inputs=points([[[305.0, 210.0], [25.0, 25.0]], [[150.0, 150.0], [350.0, 350.0]]],
                                 [[1, 0], [1, 0]]))
     tr.step(frames[7], 7, "propagate (7 memories)")
     present = [s > 0 for _, scores in tr.scores for s in scores]
@@ -461,12 +467,12 @@ def test_track_sequence_forward(require_reference, pair):
 def test_track_sequence_reverse(require_reference, pair):
     """A box on frame 7 of 8, tracked back to frame 3 (track_in_reverse). One object, and not down to
     frame 0, to save time: a full bank in reverse is covered by test_memory_attention_full_bank."""
-    ref, ours = pair(TINY21)
+    ref, ours = pair(TINY21, SEQ)
     g = torch.Generator().manual_seed(7)
     num_frames = 8
-    frames = [random_frame(ref, g, b=1) for _ in range(num_frames)]
+    frames = [random_frame(ref, g, b=1, grid=SEQ // 16) for _ in range(num_frames)]
     tr = Tracker(ref, ours, num_frames, reverse=True)
-    tr.step(frames[7], 7, "cond box", init_cond=True, point_inputs=points([[[300.0, 250.0], [700.0, 800.0]]], [[2, 3]]))
+    tr.step(frames[7], 7, "cond box", init_cond=True, point_inputs=points([[[150.0, 125.0], [350.0, 400.0]]], [[2, 3]]))
     for t in range(6, 2, -1):
         tr.step(frames[t], t, "propagate reverse")
     assert sorted(tr.ref_bank["non_cond_frame_outputs"]) == [3, 4, 5, 6]

@@ -176,3 +176,32 @@ def test_resizes_mps_lacks_before_torch_2_7_run_on_the_cpu():
     assert not needs_cpu_resize("mps", "2.13.0+cpu", "bilinear", True)
     assert not needs_cpu_resize("cpu", "2.5.1", "bicubic", True)
     assert not needs_cpu_resize("cuda", "2.1.0", "bilinear", True)
+
+
+def test_a_tracking_step_copies_to_the_host_once_and_keeps_its_window_on_the_device(cells, monkeypatch):
+    """On a GPU every device -> host copy is a synchronisation: a step of a batch of objects makes one
+    (object scores and hole filling's background together), and the RAM window is not moved off the
+    model's device (which the step would have to copy back up for every following step)."""
+    predictor = VideoPredictor(random_model(128), feature_cache=False)
+    state = predictor.init_state(cells.image)
+    for r in cells.clicks(0).itertuples():
+        predictor.add_new_points_or_box(state, 0, int(r.obj_id), points=[[r.x, r.y]], labels=[1])
+    predictor.propagate_in_video_preflight(state)
+    copies = []
+    for name in ("cpu", "item", "tolist", "__float__", "__int__", "__bool__"):
+        original = getattr(torch.Tensor, name)
+
+        def counted(self, *args, _original=original, _name=name, **kwargs):
+            copies.append(_name)
+            return _original(self, *args, **kwargs)
+
+        monkeypatch.setattr(torch.Tensor, name, counted)
+    steps = 0
+    for t, ids, masks in predictor.propagate_in_video(state, max_frame_num_to_track=4):
+        steps += t > 0
+        assert masks.device == predictor.device and len(ids) == 3
+    monkeypatch.undo()
+    assert steps == 4 and len(copies) == steps, copies  # 3 objects, one batch: one copy per step
+    for obj in state.objects.values():
+        assert obj.non_cond.device == predictor.device
+        assert np.isfinite(obj.scores[:5]).all()

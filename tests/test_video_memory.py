@@ -201,14 +201,17 @@ def _check_bounded(state, t: int, history: str) -> None:
 @pytest.fixture(scope="module")
 def disk_run(model, video):
     """history="disk", ram_frames=16, 40 frames, 2 objects: bounds checked at every yielded frame,
-    then a second propagation over the spilled data."""
+    then a second propagation over the spilled data, every step recomputed (with nothing changed it
+    would reuse every step's result: no entry would look as it was computed)."""
     p = VideoPredictor(model, history="disk", ram_frames=RAM)
     state = _session(p, video)
     first = {}
     for t, _ids, masks in p.propagate_in_video(state):
         _check_bounded(state, t, "disk")
         first[t] = masks.clone()
-    again = {t: masks for t, _, masks in p.propagate_in_video(state)}
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(p, "_reusable", lambda obj, t, key: False)
+        again = {t: masks for t, _, masks in p.propagate_in_video(state)}
     disk_files = sum(len(files(o.non_cond.spill_dir)) for o in state.objects.values())
     folder = state.spill.path
     p.close(state)

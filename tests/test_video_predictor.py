@@ -467,6 +467,78 @@ def test_corrections_as_conditioning_frames_survive_repropagation(model, cells):
     predictor.close(state)
 
 
+def _run_log(predictor, monkeypatch) -> list[tuple[int, tuple]]:
+    """(frame, objects) of every tracking step the predictor runs from now on."""
+    log, run = [], predictor._run
+
+    def logged(state, objs, t, **kw):
+        log.append((t, tuple(o.obj_id for o in objs)))
+        return run(state, objs, t, **kw)
+
+    monkeypatch.setattr(predictor, "_run", logged)
+    return log
+
+
+def test_repropagation_runs_only_the_steps_whose_inputs_changed(model, cells, monkeypatch):
+    """After a correction of one object, propagating again recomputes that object only: the others'
+    steps would read exactly what they read before (prompts, memories, direction, weights) and give
+    what they gave, which is what the official predictor recomputes. A new object costs its own steps;
+    weights changed in place make every step run again."""
+    predictor = VideoPredictor(model, add_all_frames_to_correct_as_cond=True)
+    state = predictor.init_state(cells.image)
+    objects = centres(cells)
+    for label, x, y in objects:
+        click(predictor, state, 0, label, x, y)
+    first = {t: m.clone() for t, _, m in predictor.propagate_in_video(state, max_frame_num_to_track=4)}
+    log = _run_log(predictor, monkeypatch)
+    label, x, y = objects[0]
+    predictor.add_new_points_or_box(state, 2, label, points=[[x + 6, y + 6]], labels=[0], clear_old_points=False)
+    log.clear()  # the correction's own decoder step
+    again = {t: m.clone() for t, _, m in predictor.propagate_in_video(state, max_frame_num_to_track=4)}
+    assert log == [(1, (label,)), (3, (label,)), (4, (label,))]
+    for t in (1, 3, 4):
+        assert (again[t][0] - first[t][0]).abs().max() > 1e-4  # the corrected object did change
+        assert torch.equal(again[t][1:], first[t][1:])
+    # the same masks as recomputing every step
+    with monkeypatch.context() as m:
+        m.setattr(predictor, "_reusable", lambda obj, t, key: False)
+        recomputed = {t: mk for t, _, mk in predictor.propagate_in_video(state, max_frame_num_to_track=4)}
+    for t in again:
+        assert (recomputed[t] - again[t]).abs().max() <= 1e-5, t
+    # a new object: its own steps only
+    click(predictor, state, 0, 99, 10.0, 10.0)
+    log.clear()
+    list(predictor.propagate_in_video(state, max_frame_num_to_track=4))
+    assert log == [(t, (99,)) for t in (1, 2, 3, 4)]
+    # reverse passes are tracked apart: the first one runs, the second reuses it
+    log.clear()
+    list(predictor.propagate_in_video(state, start_frame_idx=4, reverse=True))
+    assert {t for t, _ in log} == {1, 2, 3, 4}  # frame 2: a conditioning frame of the first object only
+    log.clear()
+    list(predictor.propagate_in_video(state, start_frame_idx=4, reverse=True))
+    assert log == []
+    # weights edited in place (a fine-tuned model loaded into it): nothing is taken from before
+    with torch.no_grad():
+        model.memory_attention.norm.bias.add_(0.0)
+    log.clear()
+    list(predictor.propagate_in_video(state, max_frame_num_to_track=4))
+    assert sorted({o for _, objs in log for o in objs}) == sorted([o for o, _, _ in objects] + [99])
+    predictor.close(state)
+
+
+def test_a_model_built_under_inference_mode_propagates_and_repropagates(cells, monkeypatch):
+    """Its weights are inference tensors (no version counter): propagation still knows them."""
+    with torch.inference_mode():
+        predictor = VideoPredictor(random_model(SIZE, seed=0, name=NAME), feature_cache=False)
+    state = predictor.init_state(cells.image)
+    label, x, y = centres(cells)[0]
+    click(predictor, state, 0, label, x, y)
+    first = [m.clone() for _, _, m in predictor.propagate_in_video(state, max_frame_num_to_track=2)]
+    log = _run_log(predictor, monkeypatch)
+    again = [m for _, _, m in predictor.propagate_in_video(state, max_frame_num_to_track=2)]
+    assert log == [] and all(torch.equal(a, b) for a, b in zip(first, again))
+
+
 # ----------------------------------------------------------------------------- prompt management
 
 

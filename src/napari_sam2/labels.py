@@ -28,18 +28,21 @@ def logits_to_labels(mask_logits, obj_ids) -> np.ndarray:
     """
     import torch
 
-    logits = torch.as_tensor(mask_logits).cpu()  # the ids are indexed on the CPU
+    logits = torch.as_tensor(mask_logits)
     if logits.ndim == 4:
         logits = logits[:, 0]
     if logits.ndim != 3:
         raise ValueError(f"mask logits must be N x 1 x H x W, got shape {tuple(logits.shape)}")
-    if logits.shape[0] == 0:
+    n = logits.shape[0]
+    if n == 0:
         return np.zeros(tuple(logits.shape[-2:]), dtype=LABEL_DTYPE)
+    if len(obj_ids) != n:
+        raise ValueError(f"got {n} masks but {len(obj_ids)} object ids: give one id per mask.")
+    # the winner is chosen where the logits are (a GPU): only H x W small slots travel to the host
     best, index = logits.float().max(dim=0)  # H x W
-    ids = torch.as_tensor(np.asarray(obj_ids, dtype=np.int64))
-    labels = ids[index]
-    labels[best <= 0] = 0
-    return labels.numpy().astype(LABEL_DTYPE, copy=False)
+    slot = torch.where(best > 0, index + 1, 0).to(torch.int16 if n < 2**15 - 1 else torch.int32)
+    lut = np.concatenate([[0], np.asarray(obj_ids, dtype=np.int64)]).astype(LABEL_DTYPE)  # slot -> label
+    return lut[slot.cpu().numpy()]
 
 
 class ArraySink:

@@ -56,7 +56,8 @@ class MemoryAttention(nn.Module):
         memory_pos: torch.Tensor,
         num_obj_ptr_tokens: int = 0,
     ) -> torch.Tensor:
-        """curr, curr_pos: B x HW x C; memory, memory_pos: B x M x mem_dim, the last
+        """curr, curr_pos: B x HW x C, or 1 x HW x C for features shared by the B memory banks (the first
+        layer's self-attention and queries then run once); memory, memory_pos: B x M x mem_dim, the last
         ``num_obj_ptr_tokens`` of which are object-pointer tokens. Returns B x HW x C."""
         x = curr + 0.1 * curr_pos
         memory_keys = memory + memory_pos  # the same for every layer: computed once

@@ -335,8 +335,12 @@ class SAM2(nn.Module):
             token_pos.append(ptr_pe.repeat_interleave(split, dim=0).unsqueeze(0).expand(b, -1, -1))
             n_ptr_tokens = n * split
 
-        curr = feats.embed.to(dtype).flatten(2).transpose(1, 2)
-        curr_pos = feats.pos.to(dtype).flatten(2).transpose(1, 2)
+        # objects of a batch on one frame see the same features (expanded views): give memory attention
+        # one copy, so that what does not depend on the memory runs once for the batch
+        shared = b > 1 and feats.embed.stride(0) == 0 and feats.pos.stride(0) == 0
+        embed, pos = (feats.embed[:1], feats.pos[:1]) if shared else (feats.embed, feats.pos)
+        curr = embed.to(dtype).flatten(2).transpose(1, 2)  # 1 or B x HW x C
+        curr_pos = pos.to(dtype).flatten(2).transpose(1, 2)
         out = self.memory_attention(
             curr, curr_pos, torch.cat(tokens, dim=1), torch.cat(token_pos, dim=1), num_obj_ptr_tokens=n_ptr_tokens
         )

@@ -74,6 +74,8 @@ class RoPEAttention(Attention):
         if q.shape[-2] != k.shape[-2] and not self.rope_k_repeat:
             raise ValueError("keys cover more positions than queries but rope_k_repeat is off")
         q = apply_rope(q, self._freqs)
+        if q.shape[0] == 1 and k.shape[0] > 1:
+            q = q.expand(k.shape[0], -1, -1, -1)  # queries shared by every key set of the batch
         n_rope = k.shape[-2] - num_k_exclude_rope
         if n_rope > 0:
             # k is this call's own projection: rotate its spatial tokens in place, pointers stay as they are

@@ -30,19 +30,38 @@ def component_areas(binary: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return labels, areas[labels]
 
 
-def fill_holes(mask_logits: torch.Tensor, max_area: int) -> torch.Tensor:
+def to_host(values: torch.Tensor, flags: torch.Tensor | None = None) -> tuple[np.ndarray, np.ndarray | None]:
+    """``values`` (float32) and ``flags`` (bool, optional) as numpy arrays of their shapes, in one
+    device -> host copy: on a GPU each copy is a synchronisation, and a tracking step needs both."""
+    values = values.detach().to(torch.float32).contiguous()
+    parts = [values.reshape(-1).view(torch.uint8)]
+    if flags is not None:
+        parts.append(flags.detach().contiguous().reshape(-1).view(torch.uint8))
+    host = (torch.cat(parts) if len(parts) > 1 else parts[0]).cpu().numpy()
+    split = values.numel() * 4
+    out_values = host[:split].view(np.float32).reshape(values.shape)
+    out_flags = None if flags is None else host[split:].view(bool).reshape(flags.shape)
+    return out_values, out_flags
+
+
+def fill_holes(mask_logits: torch.Tensor, max_area: int, background: np.ndarray | None = None) -> torch.Tensor:
     """Turn background components (logits <= 0, 8-connected) of at most ``max_area`` pixels into
-    foreground with a small positive score (0.1), as SAM2 does. mask_logits: B x 1 x H x W."""
+    foreground with a small positive score (0.1), as SAM2 does. mask_logits: B x 1 x H x W;
+    ``background``: ``mask_logits <= 0`` already on the host (see :func:`to_host`)."""
     if max_area <= 0:
         return mask_logits
-    background = (mask_logits <= 0).cpu().numpy()
+    if background is None:
+        background = (mask_logits <= 0).cpu().numpy()
     holes = np.zeros_like(background)
     for i in range(background.shape[0]):
         labels, areas = component_areas(background[i, 0])
         holes[i, 0] = (labels > 0) & (areas <= max_area)
     if not holes.any():
         return mask_logits
-    return torch.where(torch.from_numpy(holes).to(mask_logits.device), 0.1, mask_logits)
+    holes = torch.from_numpy(holes)
+    if mask_logits.device.type == "cuda":
+        holes = holes.pin_memory().to(mask_logits.device, non_blocking=True)  # no wait for the upload
+    return torch.where(holes.to(mask_logits.device), 0.1, mask_logits)
 
 
 def non_overlapping(mask_logits: torch.Tensor) -> torch.Tensor:

@@ -36,14 +36,21 @@ class FrameStore:
     spill_dir
         Folder for entries evicted from RAM; ``None`` drops them (RAM-only mode: re-propagation
         recomputes instead, and correction clicks on old frames start from no previous mask).
+    device
+        Where the window's entries live (the model's: a GPU's steps read them there, with no copy per
+        step); an entry read back from disk goes there. Default: where each entry was given.
     """
 
-    def __init__(self, num_frames: int, ram_frames: int = 16, spill_dir: str | None = None):
+    def __init__(self, num_frames: int, ram_frames: int = 16, spill_dir: str | None = None,
+                 device: torch.device | str | None = None):
         self._ram: OrderedDict[int, dict] = OrderedDict()
         self._has = np.zeros(num_frames, dtype=bool)
+        # what each entry was computed from (a key of its step's inputs; 0: unknown, e.g. a prompt's)
+        self._version = np.zeros(num_frames, dtype=np.int64)
         self._on_disk = np.zeros(num_frames, dtype=bool)
         self.ram_frames = max(ram_frames, 1)
         self.spill_dir = spill_dir
+        self.device = None if device is None else torch.device(device)
         if spill_dir is not None:
             os.makedirs(spill_dir, exist_ok=True)
 
@@ -61,10 +68,19 @@ class FrameStore:
         n = len(self._has)
         return tuple(bool(0 <= t < n and self._has[t]) for t in frames)
 
+    def version(self, t: int) -> int:
+        """The inputs key frame t's entry was stored with (see :meth:`put`); 0 if none or unknown."""
+        return int(self._version[t]) if t in self else 0
+
     def _path(self, t: int) -> str:
         return os.path.join(self.spill_dir, f"{t:07d}.pt")
 
     def __setitem__(self, t: int, entry: dict) -> None:
+        self.put(t, entry)
+
+    def put(self, t: int, entry: dict, version: int = 0) -> None:
+        """Store frame t's entry with the key of what it was computed from (0: unknown)."""
+        self._version[t] = version
         self._ram[t] = {k: entry[k] for k in ENTRY_KEYS}
         self._ram.move_to_end(t)
         self._has[t] = True
@@ -82,7 +98,7 @@ class FrameStore:
             return self._ram[t]
         if not self._on_disk[t]:
             return default
-        entry = torch.load(self._path(t), map_location="cpu", weights_only=True)
+        entry = torch.load(self._path(t), map_location=self.device or "cpu", weights_only=True)
         self._ram[t] = entry
         self._evict(keep=t)
         return entry

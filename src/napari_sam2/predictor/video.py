@@ -5,12 +5,14 @@ The public methods and their semantics are those of the official ``SAM2VideoPred
 ``clear_all_prompts_in_frame``, ``remove_object``, ``reset_state``), so the official notebooks carry
 over. What differs is what is kept: frames are read when needed (never the whole video), image
 features of only a couple of frames are cached, each object keeps its conditioning frames and a window
-of recent frames in RAM and spills older frames to disk, and objects that share a frame and a memory
-layout are run as one batch.
+of recent frames in RAM (on the model's device: a GPU copies nothing per step but one small transfer
+to the host) and spills older frames to disk, and objects that share a frame and a memory layout are
+run as one batch. Masks are yielded on the model's device, as the official predictor does.
 """
 
 from __future__ import annotations
 
+import itertools
 import os
 from collections.abc import Callable, Iterable, Iterator
 from typing import Any
@@ -24,26 +26,37 @@ from ..modeling.sam2 import NO_OBJ_SCORE
 from .feature_cache import open_feature_cache
 from .features import FrameFeatureSource
 from .frames import FrameSource
-from .postprocess import fill_holes, non_overlapping, resize_logits
+from .postprocess import fill_holes, non_overlapping, resize_logits, to_host
 from .preprocess import mask_to_model_input, to_model_coords
 from .store import FrameStore, SpillDir
 
 _FORWARD, _REVERSE = 1, 2
+# a prompt's result is never the repeat of an earlier one: it gets a fresh number, never a step's key
+_PROMPT_VERSIONS = itertools.count(1)
 
 
 class ObjectTrack:
     """Prompts and tracking results of one object."""
 
-    def __init__(self, obj_id: Any, num_frames: int, spill_dir: str | None, ram_frames: int):
+    def __init__(self, obj_id: Any, num_frames: int, spill_dir: str | None, ram_frames: int,
+                 device: torch.device | None = None):
         self.obj_id = obj_id
         self.point_inputs: dict[int, dict] = {}
         self.mask_input_frames: set[int] = set()
         self.cond: dict[int, dict] = {}  # conditioning frames, always in RAM
         self.temp: dict[str, dict[int, dict]] = {"cond": {}, "non_cond": {}}  # prompted, not yet in memory
-        self.non_cond = FrameStore(num_frames, ram_frames=ram_frames, spill_dir=spill_dir)
+        self.non_cond = FrameStore(num_frames, ram_frames=ram_frames, spill_dir=spill_dir, device=device)
         self.tracked = np.zeros(num_frames, dtype=np.int8)  # 0 untracked, 1 forward, 2 reverse
         self.scores = np.full(num_frames, np.nan, dtype=np.float32)  # object-present logits
         self.end: int | None = None  # first frame the object no longer exists on (an ended track)
+
+    def inputs_key(self, t: int, window: list[int], reverse: bool, settings: tuple) -> int:
+        """A key of everything a tracking step of this object on frame t reads besides frame t's
+        image features: its conditioning frames (each prompt's result is numbered), the entries of
+        the frames in its window (by the keys they were computed from) and the direction. Equal keys:
+        the step would compute what it computed before (the reference recomputes it, and gets it)."""
+        cond = tuple((f, e.get("version", 0)) for f, e in sorted(self.cond.items()))
+        return hash((settings, t, reverse, cond, tuple(self.non_cond.version(f) for f in window))) or 1
 
     def alive(self, t: int) -> bool:
         return self.end is None or t < self.end
@@ -102,7 +115,7 @@ class VideoState:
     def new_object(self, obj_id) -> ObjectTrack:
         self._objects_made += 1
         spill_dir = self.spill.sub(f"obj{self._objects_made:05d}") if self.spill else None
-        obj = ObjectTrack(obj_id, self.num_frames, spill_dir, self.ram_frames)
+        obj = ObjectTrack(obj_id, self.num_frames, spill_dir, self.ram_frames, self.device)
         self.objects[obj_id] = obj
         return obj
 
@@ -261,8 +274,9 @@ class VideoPredictor:
         point_inputs: dict | None = None,
         mask_inputs: torch.Tensor | None = None,
         prev_mask_logits: torch.Tensor | None = None,
-    ) -> list[dict]:
-        """One tracking step for objects that share frame t's memory layout, as one batch."""
+    ) -> tuple[list[dict], np.ndarray]:
+        """One tracking step for objects that share frame t's memory layout, as one batch: each object's
+        entry (on the model's device) and its object score (on the host)."""
         feats = state.features(t).expand(len(objs))
         bank = self._batched_bank(objs, t, state.num_frames, reverse) if not is_init_cond_frame else None
         out = self.model.track_step(
@@ -277,20 +291,24 @@ class VideoPredictor:
             run_mem_encoder=run_mem_encoder,
             prev_mask_logits=prev_mask_logits,
         )
-        pred = out["pred_masks"].float()
+        pred = out["pred_masks"].float()  # B x 1 x 256 x 256
+        scores = out["object_score_logits"].float()  # B x 1
+        # the step's one device -> host transfer: what the CPU needs (scores, hole filling's background)
+        host_scores, background = to_host(scores, pred <= 0 if self.fill_hole_area > 0 else None)
         if self.fill_hole_area > 0:
-            pred = fill_holes(pred, self.fill_hole_area)
-        # one transfer per tensor for the whole batch; each object's entry is its own copy (a slice would
-        # keep, and spill, the whole batch's storage)
+            pred = fill_holes(pred, self.fill_hole_area, background=background)
+        # the results stay on the model's device (the RAM window is read there by the next steps); each
+        # object's entry is its own copy (a slice would keep, and spill, the whole batch's storage)
         mem = out["maskmem_features"]
         batch = {
             # memories are kept in bf16, as the official predictor does: half the storage
-            "maskmem_features": None if mem is None else mem.to(torch.bfloat16).cpu(),
-            "pred_masks": pred.cpu(),
-            "obj_ptr": out["obj_ptr"].float().cpu(),
-            "object_score_logits": out["object_score_logits"].float().cpu(),
+            "maskmem_features": None if mem is None else mem.to(torch.bfloat16),
+            "pred_masks": pred,
+            "obj_ptr": out["obj_ptr"].float(),
+            "object_score_logits": scores,
         }
-        return [{k: None if v is None else v[i : i + 1].clone() for k, v in batch.items()} for i in range(len(objs))]
+        entries = [{k: None if v is None else v[i : i + 1].clone() for k, v in batch.items()} for i in range(len(objs))]
+        return entries, host_scores.reshape(-1)
 
     def _bank_window(self, t: int, num_frames: int, reverse: bool) -> list[int]:
         spatial, ptrs = self.model.memory_frames(t, num_frames, reverse)
@@ -334,7 +352,7 @@ class VideoPredictor:
     def _frame_output(self, state: VideoState, t: int, temp_key: str):
         """All objects' current masks on frame t, as the official predictor returns after a prompt."""
         size = (state.video_height, state.video_width)
-        masks = torch.full((len(state.objects), 1, *size), NO_OBJ_SCORE, dtype=torch.float32)
+        masks = torch.full((len(state.objects), 1, *size), NO_OBJ_SCORE, dtype=torch.float32, device=state.device)
         for i, obj in enumerate(state.objects.values()):
             out = obj.output(t, temp_key)
             if out is not None:
@@ -435,12 +453,12 @@ class VideoPredictor:
             prev_logits = prev["pred_masks"].to(self.device).clamp(-32.0, 32.0)
         dev_points = {k: v.to(self.device) for k, v in point_inputs.items()}
         # memory is encoded when propagation starts, after all prompts of the round are in
-        (out,) = self._run(
+        (out,), (score,) = self._run(
             state, [obj], t, is_init_cond_frame=is_init, reverse=reverse, run_mem_encoder=False,
             point_inputs=dev_points, prev_mask_logits=prev_logits,
         )
         obj.temp[key][t] = out
-        obj.scores[t] = float(out["object_score_logits"])
+        obj.scores[t] = score
         return self._frame_output(state, t, key)
 
     add_new_points = add_new_points_or_box
@@ -464,11 +482,11 @@ class VideoPredictor:
         obj.mask_input_frames.add(t)
         obj.point_inputs.pop(t, None)
         is_init, reverse, key = self._prepare_prompt(state, obj, t)
-        (out,) = self._run(
+        (out,), (score,) = self._run(
             state, [obj], t, is_init_cond_frame=is_init, reverse=reverse, run_mem_encoder=False, mask_inputs=m.to(self.device)
         )
         obj.temp[key][t] = out
-        obj.scores[t] = float(out["object_score_logits"])
+        obj.scores[t] = score
         return self._frame_output(state, t, key)
 
     @torch.inference_mode()
@@ -551,8 +569,9 @@ class VideoPredictor:
                         feats = state.features(t)
                         high = resize_logits(out["pred_masks"].to(self.device), (self.image_size,) * 2)
                         mem = self.model.encode_memory(feats, high, out["object_score_logits"].to(self.device), True)
-                        out["maskmem_features"] = mem.to(torch.bfloat16).cpu()
+                        out["maskmem_features"] = mem.to(torch.bfloat16)
                     if key == "cond":
+                        out["version"] = next(_PROMPT_VERSIONS)
                         obj.cond[t] = out
                     else:
                         obj.non_cond[t] = out
@@ -598,30 +617,52 @@ class VideoPredictor:
             order = range(start_frame_idx, end + 1)
 
         order = list(order)
+        settings = self._step_settings(n)
         for i, t in enumerate(order):
             if i + 1 < len(order):
                 state.features.prefetch(order[i + 1])
             masks: dict[Any, torch.Tensor] = {}
-            to_track = []
+            to_track, keys = [], {}
+            window = self._bank_window(t, n, reverse)
             live = [o for o in objs if o.alive(t)]  # an ended track costs nothing from its end on
             for o in live:
                 if t in o.cond:
                     masks[o.obj_id] = o.cond[t]["pred_masks"]
+                    continue
+                key = keys[o.obj_id] = o.inputs_key(t, window, reverse, settings)
+                if self._reusable(o, t, key):
+                    masks[o.obj_id] = o.non_cond[t]["pred_masks"]
                 else:
                     to_track.append(o)
             for group in self._groups(to_track, t, n, reverse):
-                outs = self._run(state, group, t, is_init_cond_frame=False, reverse=reverse, run_mem_encoder=True)
-                for o, out in zip(group, outs):
-                    o.non_cond[t] = out
+                outs, scores = self._run(state, group, t, is_init_cond_frame=False, reverse=reverse, run_mem_encoder=True)
+                for o, out, score in zip(group, outs, scores):
+                    o.non_cond.put(t, out, keys[o.obj_id])
                     masks[o.obj_id] = out["pred_masks"]
-                    o.scores[t] = float(out["object_score_logits"])
+                    o.scores[t] = score
             for o in live:
                 o.tracked[t] = _REVERSE if reverse else _FORWARD
             if not live:  # every track has ended: nothing left to run
-                yield t, [], torch.zeros((0, 1, state.video_height, state.video_width))
+                yield t, [], torch.zeros((0, 1, state.video_height, state.video_width), device=state.device)
                 continue
             stacked = torch.cat([masks[o.obj_id] for o in live])
             yield t, [o.obj_id for o in live], self._video_res(state, stacked)
+
+    @staticmethod
+    def _reusable(obj: ObjectTrack, t: int, key: int) -> bool:
+        """Re-propagation: the object's step on t already ran on exactly these inputs (its prompts did
+        not change since), so its result stands, as recomputing it would give."""
+        return obj.non_cond.version(t) == key
+
+    def _step_settings(self, num_frames: int) -> tuple:
+        """What, besides an object's memory bank, a step's result depends on: the network (the same
+        module with the same weights: replaced or edited tensors change their address or version)
+        and hole filling."""
+        params = list(self.model.parameters())
+        # a model built under inference mode has inference tensors, which keep no version counter
+        versions = sum(0 if p.is_inference() else p._version for p in params)
+        weights = (sum(p.data_ptr() for p in params), versions, str(self.model.compute_dtype))
+        return (id(self.model), weights, self.fill_hole_area, num_frames)
 
 
 def build_video_predictor(
