@@ -169,3 +169,31 @@ def test_the_resumable_state_holds_any_option_a_user_passes(tmp_path):
     torch.save({"settings": record}, tmp_path / "state.pt")
     loaded = torch.load(tmp_path / "state.pt", weights_only=True)["settings"]  # no pickled classes
     assert loaded == record and loaded["lr"] == 1e-4 and loaded["augment"]["rot90"] is True
+
+
+def test_validation_encodes_each_clip_once_and_keeps_a_frozen_encoders_output(stack, monkeypatch):
+    """Both prompts of a validation share one encoding of a clip; with the encoder frozen a later
+    validation encodes nothing, yet sees the decoder's high-resolution projections as they train."""
+    from napari_sam2.train.data import open_training_data
+    from napari_sam2.train.loop import validation_clips
+    from napari_sam2.train.validate import ValidationFeatures, validate
+
+    model = random_model(size=SIZE, seed=0)
+    clips = validation_clips(open_training_data([stack]), SIZE, 3)
+    calls = []
+    encoder = model.image_encoder.forward
+    monkeypatch.setattr(model.image_encoder, "forward", lambda x: calls.append(1) or encoder(x))
+    kept = ValidationFeatures(keep=True)
+    first = validate(model, clips, "cpu", kept)
+    assert len(calls) == len(clips) == 1
+    assert validate(model, clips, "cpu", kept) == first and len(calls) == 1
+    with torch.no_grad():  # a training step changed the decoder's projection of a high-resolution level
+        model.sam_mask_decoder.conv_s0.weight.mul_(-3.0)
+    changed = validate(model, clips, "cpu", kept)
+    assert len(calls) == 1
+    assert changed == validate(model, clips, "cpu") != first  # the same as encoding afresh
+    assert len(calls) == 2
+    fresh = ValidationFeatures(keep=False)  # an encoder that trains (LoRA, full): once per validation
+    validate(model, clips, "cpu", fresh)
+    validate(model, clips, "cpu", fresh)
+    assert len(calls) == 4 and fresh.encoded == 2

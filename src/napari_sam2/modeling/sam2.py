@@ -134,12 +134,17 @@ class SAM2(nn.Module):
         # float64 / float16 input is cast to the encoder's dtype
         with torch.set_grad_enabled(encoder_grad and torch.is_grad_enabled()):
             out = self.image_encoder(image.to(self.compute_dtype))
-        fpn = list(out["backbone_fpn"])
+        return self.project_high_res(out)
+
+    def project_high_res(self, encoder_out: dict) -> dict:
+        """The image encoder's output with its two high-resolution levels projected by the decoder's
+        convolutions (part of the decoder: they learn while a frozen encoder's output stays the same)."""
+        fpn = list(encoder_out["backbone_fpn"])
         heads = self._heads_dtype()
         fpn[0] = self.sam_mask_decoder.conv_s0(fpn[0].to(heads))
         fpn[1] = self.sam_mask_decoder.conv_s1(fpn[1].to(heads))
-        out["backbone_fpn"] = fpn
-        return out
+        encoder_out["backbone_fpn"] = fpn
+        return encoder_out
 
     def frame_features(self, backbone_out: dict) -> FrameFeatures:
         """Pick the three levels SAM2 uses out of :meth:`forward_image`'s output, in the compute dtype

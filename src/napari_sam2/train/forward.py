@@ -17,10 +17,14 @@ from .prompts import DEFAULT_PROMPTS, ClickSampler, PromptPlan, PromptSettings, 
 
 def clip_features(model: SAM2, images: torch.Tensor, train_encoder: bool) -> list[FrameFeatures]:
     """T x 3 x S x S -> per-frame features, each with batch 1. A frozen encoder runs without a graph."""
-    feats = model.encode_frame(images, encoder_grad=train_encoder)
+    return split_frames(model.encode_frame(images, encoder_grad=train_encoder))
+
+
+def split_frames(feats: FrameFeatures) -> list[FrameFeatures]:
+    """Features of T frames (batch T) -> one FrameFeatures (batch 1) per frame, as views."""
     return [
         FrameFeatures(feats.embed[t : t + 1], feats.pos[t : t + 1], (feats.high_res[0][t : t + 1], feats.high_res[1][t : t + 1]))
-        for t in range(images.shape[0])
+        for t in range(feats.embed.shape[0])
     ]
 
 

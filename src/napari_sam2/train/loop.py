@@ -40,7 +40,7 @@ from .forward import clip_features, track_clip
 from .loss import LOSS_NAMES, clip_loss
 from .optim import build_optimizer, clip_gradients, set_learning_rates
 from .prompts import DEFAULT_PROMPTS, PromptSettings, error_click, plan_prompts
-from .validate import validate
+from .validate import ValidationFeatures, validate
 
 log = logging.getLogger("napari_sam2")
 
@@ -323,6 +323,7 @@ def finetune(
         pick = np.linspace(0, len(val_sequences) - 1, MAX_DEFAULT_VAL).round().astype(int)
         val_sequences = [val_sequences[i] for i in pick]
     val_clips = validation_clips(val_sequences, size, num_frames)
+    val_features = ValidationFeatures(keep=not train_encoder)  # a fixed encoder gives them the same features
     autocast = _autocast(precision, dev)
     log.info("fine-tuning %s at %d px on %s (%s): %d steps, %d trainable parameters, %s",
              model, size, dev, "bf16 autocast" if autocast else "fp32", steps, sum(p.numel() for p in trainable),
@@ -338,7 +339,7 @@ def finetune(
 
     if not history.rows:
         # the scores before training: what fine-tuning is measured against
-        history.rows.append({"step": 0, **validate(net, val_clips, dev)})
+        history.rows.append({"step": 0, **validate(net, val_clips, dev, val_features)})
     bar = _progress(progress, steps, start)
     net.train()
     try:
@@ -366,7 +367,7 @@ def finetune(
             row = {"step": step + 1, **totals, "lr": optimizer.param_groups[0]["lr"], "seconds": time.perf_counter() - t0}
             history.rows.append(row)  # before validating: an interrupt from here on keeps this step's update
             if (step + 1) % val_every == 0 or step + 1 == steps:
-                row.update(validate(net, val_clips, dev))
+                row.update(validate(net, val_clips, dev, val_features))
             if bar is not None:
                 bar.update(1)
                 recent = [r["loss"] for r in history.steps[-10:]]  # a running mean: one clip's loss jumps

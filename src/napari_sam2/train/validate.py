@@ -14,7 +14,7 @@ import torch
 from scipy import ndimage
 
 from ..modeling.sam2 import SAM2
-from .forward import clip_features, track_clip
+from .forward import clip_features, split_frames, track_clip
 from .prompts import PromptPlan, PromptSettings
 
 NO_CORRECTIONS = PromptSettings(num_correction_clicks=0, prob_click_from_gt=0.0)
@@ -67,9 +67,16 @@ def score_masklets(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
     return {"J": j, "F": f, "JF": (j + f) / 2}
 
 
+#: image encoder output of validation clips kept between validations when the encoder does not train
+#: (at 1024: 88 MiB per frame, 256-channel high-resolution levels before the decoder's projections)
+FEATURES_BUDGET = 2 << 30  # bytes
+
+
 @torch.inference_mode()
-def track_from_first_frame(model: SAM2, images: torch.Tensor, gt: torch.Tensor, prompt: str) -> np.ndarray:
-    """Masklets (T x N x S x S bool) tracked from frame 0's ground-truth ``"mask"`` or ``"click"``."""
+def track_from_first_frame(model: SAM2, images: torch.Tensor, gt: torch.Tensor, prompt: str,
+                           feats: list | None = None) -> np.ndarray:
+    """Masklets (T x N x S x S bool) tracked from frame 0's ground-truth ``"mask"`` or ``"click"``;
+    ``feats``: the clip's image features (:func:`clip_features` in eval mode), encoded here if None."""
     was_training = model.training
     model.eval()
     try:
@@ -79,20 +86,57 @@ def track_from_first_frame(model: SAM2, images: torch.Tensor, gt: torch.Tensor, 
         else:
             coords, labels = centre_clicks(gt[0])
             plan.point_inputs[0] = {"point_coords": coords, "point_labels": labels}
-        feats = clip_features(model, images, train_encoder=False)
+        if feats is None:
+            feats = clip_features(model, images, train_encoder=False)
         out = track_clip(model, feats, gt, plan, np.random.default_rng(0), settings=NO_CORRECTIONS)
         return torch.stack([o["pred_masks_high_res"][:, 0] > 0 for o in out]).cpu().numpy()
     finally:
         model.train(was_training)
 
 
-def validate(model: SAM2, clips, device) -> dict[str, float]:
+class ValidationFeatures:
+    """The validation clips' image features, encoded once per validation for both prompts. While the
+    image encoder does not train, its output is kept from one validation to the next (up to ``budget``
+    bytes; beyond, clips are encoded again); the decoder's projections of the high-resolution levels,
+    which do train, run on it each time."""
+
+    def __init__(self, keep: bool, budget: int = FEATURES_BUDGET):
+        self.keep = keep
+        self.budget = budget
+        self._kept: dict[int, dict] = {}
+        self._bytes = 0
+        self.encoded = 0  # clips run through the image encoder
+
+    @torch.inference_mode()
+    def __call__(self, model: SAM2, index: int, images: torch.Tensor) -> list:
+        was_training = model.training
+        model.eval()
+        try:
+            levels = self._kept.get(index)
+            if levels is None:
+                out = model.image_encoder(images.to(model.compute_dtype))
+                # only what the features are made of: the 3 levels the decoder and memory read, the last position map
+                levels = {"backbone_fpn": list(out["backbone_fpn"]), "vision_pos_enc": [out["vision_pos_enc"][-1]]}
+                self.encoded += 1
+                size = sum(t.numel() * t.element_size() for t in (*levels["backbone_fpn"], *levels["vision_pos_enc"]))
+                if self.keep and self._bytes + size <= self.budget:
+                    self._kept[index] = levels
+                    self._bytes += size
+            projected = model.project_high_res({k: list(v) for k, v in levels.items()})
+            return split_frames(model.frame_features(projected))
+        finally:
+            model.train(was_training)
+
+
+def validate(model: SAM2, clips, device, features: ValidationFeatures | None = None) -> dict[str, float]:
     """Mean scores over validation clips: ``val_J_mask``, ``val_JF_mask``, ``val_J_click``, ... ."""
+    features = features or ValidationFeatures(keep=False)
     sums: dict[str, list[float]] = {}
-    for clip in clips:
+    for i, clip in enumerate(clips):
         images, gt = clip.images.to(device), clip.masks.to(device)
+        feats = features(model, i, images)
         for prompt in ("mask", "click"):
-            pred = track_from_first_frame(model, images, gt, prompt)
+            pred = track_from_first_frame(model, images, gt, prompt, feats)
             for key, value in score_masklets(pred, gt.cpu().numpy()).items():
                 sums.setdefault(f"val_{key}_{prompt}", []).append(value)
     return {key: float(np.mean(v)) for key, v in sums.items()}
