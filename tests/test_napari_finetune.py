@@ -279,3 +279,18 @@ def test_widget_fine_tunes_on_the_masklets_and_goes_on_with_them(make_napari_vie
     assert (widget.labels_layer.data[1] == 4).any() and not errors
     assert widget.annotator._built.checkpoint == str(out)
     print(f"widget fine-tuning: {elapsed:.1f} s")
+
+
+def test_widget_asks_for_lora_adapters_with_a_rank(make_napari_viewer, movie, random_checkpoint, tmp_path, monkeypatch):
+    """The LoRA rank field reaches finetune (0 = none: the image encoder stays frozen)."""
+    from test_napari_plugin import _widget
+
+    viewer, widget = _widget(make_napari_viewer, movie, random_checkpoint)
+    asked = []
+    monkeypatch.setattr(widget.annotator, "train", lambda data, path, **kw: asked.append(kw))
+    widget.finetune_toggle.setChecked(True)
+    assert widget.train_lora_spin.text().startswith("none")
+    widget.finetune(out=tmp_path / "a.pt")
+    widget.train_lora_spin.setValue(8)
+    widget.finetune(out=tmp_path / "b.pt")
+    assert [kw["lora"] for kw in asked] == [None, 8]

@@ -131,10 +131,15 @@ def test_lineage_toggles_find_divisions_and_the_tracks_show_them(make_napari_vie
     widget.divisions_check.setChecked(True)
     widget.new_cells_check.setChecked(True)
     widget.new_every_spin.setValue(3)
+    assert widget.lineage_options().lost_after == 5  # segment_stack's default
+    widget.lost_after_spin.setValue(0)
+    assert widget.lineage_options().lost_after is None and widget.lost_after_spin.text() == "never"
+    widget.lost_after_spin.setValue(4)
     widget.propagate(direction="forward")
     settle(widget)
     (tracker,) = made
     assert tracker.div is not None and tracker.new is not None and tracker.new.every == 3
+    assert tracker.lost_after == 4
     assert tracker.parents == {2: 1, 3: 1} and widget.annotator.parents == {2: 1, 3: 1}
     frame = widget.labels_layer.data[2]
     assert (frame == 2).any() and (frame == 3).any() and not (frame == 1).any()  # the parent ends there

@@ -37,6 +37,7 @@ from ._object_table import ObjectTable
 from .annotator import Annotator, AnnotatorError, LineageOptions, ModelChoice, ObjectInfo, StackView, Task
 from .annotator.layer_prompts import feature_column
 from .annotator.stack_view import layer_array
+from .lineage import LOST_AFTER
 from .modeling.configs import DEFAULT_MODEL
 from .propagation import DIRECTIONS
 
@@ -215,6 +216,15 @@ class SAM2Widget(QWidget):
         for w in (self.new_cells_check, self.new_every_spin, QLabel("frames"), self.divisions_check):
             lineage.addWidget(w)
         prop.addRow("Find", lineage)
+        self.lost_after_spin = QSpinBox()
+        self.lost_after_spin.setRange(0, 1000)
+        self.lost_after_spin.setValue(LOST_AFTER)
+        self.lost_after_spin.setSpecialValueText("never")
+        self.lost_after_spin.setSuffix(" frames")
+        self.lost_after_spin.setToolTip("While finding new cells or divisions: a cell without a pixel on this many "
+                                        "frames in a row has left the field and its track ends (never: it is "
+                                        "tracked to the end).")
+        prop.addRow("Cells leave after", self.lost_after_spin)
 
         buttons = QHBoxLayout()
         self.propagate_button = QPushButton("Propagate")
@@ -287,6 +297,14 @@ class SAM2Widget(QWidget):
         sizes.addWidget(QLabel("frames per clip"))
         sizes.addWidget(self.train_frames_spin)
         form.addRow("Steps", sizes)
+        self.train_lora_spin = QSpinBox()
+        self.train_lora_spin.setRange(0, 256)
+        self.train_lora_spin.setValue(0)
+        self.train_lora_spin.setSpecialValueText("none (image encoder frozen)")
+        self.train_lora_spin.setToolTip("LoRA rank: adapters on the attention layers, the rest of the network fixed "
+                                        "(needs peft; 8 is a common choice). None: the decoder and memory learn, the "
+                                        "image encoder stays frozen.")
+        form.addRow("LoRA rank", self.train_lora_spin)
         row = QHBoxLayout()
         self.train_out_edit = QLineEdit()
         self.train_out_edit.setToolTip("The fine-tuned checkpoint; its log (.csv), curves (.png) and resumable state "
@@ -593,7 +611,7 @@ class SAM2Widget(QWidget):
 
     def lineage_options(self) -> LineageOptions:
         return LineageOptions(self.new_every_spin.value() if self.new_cells_check.isChecked() else None,
-                              self.divisions_check.isChecked())
+                              self.divisions_check.isChecked(), self.lost_after_spin.value() or None)
 
     def _range(self, start, end) -> tuple[int, int]:
         lo = self.start_spin.value() if start is None else int(start)
@@ -629,9 +647,10 @@ class SAM2Widget(QWidget):
         path = out or self.train_out_edit.text().strip() or self.default_train_out()
         steps = int(self.train_steps_spin.value()) if steps is None else int(steps)
         frames = int(self.train_frames_spin.value())
+        options = {"lora": self.train_lora_spin.value() or None, **self.train_options}
         data = layer_array(layer)  # a reference: the worker reads (and copies) it
         return self._ask("fine-tune", lambda: self.annotator.train(data, path, steps=steps, num_frames=frames,
-                                                                   **self.train_options))
+                                                                   **options))
 
     def cancel(self) -> None:
         """Stop the running task after its current step, and drop the waiting ones."""
