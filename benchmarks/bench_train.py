@@ -46,6 +46,7 @@ import torch
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO / "src"))
+sys.path.insert(0, str(REPO / "tests"))  # tests/models.py: the random-weight recipe of the test suite
 
 MODES = ("frozen", "lora", "full")
 DESCRIBE = {"frozen": "image encoder frozen", "lora": "LoRA rank {rank}", "full": "full fine-tuning"}
@@ -88,21 +89,11 @@ def peak_rss_mib() -> float:
 
 
 def random_checkpoint(name: str, size: int, seed: int, path: Path) -> Path:
-    """Seeded random weights in the official layout (the recipe of tests/models.py ``random_model``):
-    noise on every tensor, and objects made "present" (+2 on the object-score bias: untrained, every
-    mask would be judged absent and the heads would see no object)."""
-    from napari_sam2.build import build_model
+    """Seeded random weights in the official layout: ``tests/models.random_model`` (noise on every tensor,
+    objects made "present": untrained, every mask would be judged absent and the heads see no object)."""
+    from models import random_model
 
-    with torch.random.fork_rng(devices=[]):
-        torch.manual_seed(seed)
-        model = build_model(name, pretrained=False, image_size=size)
-    g = torch.Generator().manual_seed(seed)
-    with torch.no_grad():
-        for v in model.state_dict().values():
-            if v.is_floating_point():
-                v.add_(torch.randn(v.shape, generator=g) * 0.02)
-        model.sam_mask_decoder.pred_obj_score_head.layers[-1].bias.add_(2.0)
-    torch.save({"model": model.state_dict()}, path)
+    torch.save({"model": random_model(size, seed, name).state_dict()}, path)
     return path
 
 
