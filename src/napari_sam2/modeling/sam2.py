@@ -121,6 +121,11 @@ class SAM2(nn.Module):
         ``backbone_fpn`` (the two high-resolution levels already projected for the decoder).
         ``encoder_grad=False``: the image encoder builds no graph (frozen in fine-tuning) while the
         decoder's projections of its high-resolution levels still learn."""
+        return self.project_high_res(self.run_image_encoder(image, encoder_grad))
+
+    def run_image_encoder(self, image: torch.Tensor, encoder_grad: bool = True) -> dict:
+        """The image encoder alone on checked input: :meth:`forward_image` before the decoder's
+        projections (what stays the same while only the decoder trains)."""
         expected = (3, self.image_size, self.image_size)
         if image.ndim != 4 or tuple(image.shape[1:]) != expected:
             raise ValueError(
@@ -133,18 +138,16 @@ class SAM2(nn.Module):
             )
         # float64 / float16 input is cast to the encoder's dtype
         with torch.set_grad_enabled(encoder_grad and torch.is_grad_enabled()):
-            out = self.image_encoder(image.to(self.compute_dtype))
-        return self.project_high_res(out)
+            return self.image_encoder(image.to(self.compute_dtype))
 
     def project_high_res(self, encoder_out: dict) -> dict:
-        """The image encoder's output with its two high-resolution levels projected by the decoder's
-        convolutions (part of the decoder: they learn while a frozen encoder's output stays the same)."""
+        """The image encoder's output (not changed) with its two high-resolution levels projected by the
+        decoder's convolutions (part of the decoder: they learn while a frozen encoder's output stays)."""
         fpn = list(encoder_out["backbone_fpn"])
         heads = self._heads_dtype()
         fpn[0] = self.sam_mask_decoder.conv_s0(fpn[0].to(heads))
         fpn[1] = self.sam_mask_decoder.conv_s1(fpn[1].to(heads))
-        encoder_out["backbone_fpn"] = fpn
-        return encoder_out
+        return {**encoder_out, "backbone_fpn": fpn}
 
     def frame_features(self, backbone_out: dict) -> FrameFeatures:
         """Pick the three levels SAM2 uses out of :meth:`forward_image`'s output, in the compute dtype

@@ -60,8 +60,8 @@ def fill_holes(mask_logits: torch.Tensor, max_area: int, background: np.ndarray 
         return mask_logits
     holes = torch.from_numpy(holes)
     if mask_logits.device.type == "cuda":
-        holes = holes.pin_memory().to(mask_logits.device, non_blocking=True)  # no wait for the upload
-    return torch.where(holes.to(mask_logits.device), 0.1, mask_logits)
+        holes = holes.pin_memory()  # so that the upload does not wait
+    return torch.where(holes.to(mask_logits.device, non_blocking=True), 0.1, mask_logits)
 
 
 def non_overlapping(mask_logits: torch.Tensor) -> torch.Tensor:

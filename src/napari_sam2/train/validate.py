@@ -9,12 +9,14 @@ objects and frames (frame 0, the prompted one, excluded).
 
 from __future__ import annotations
 
+from contextlib import contextmanager
+
 import numpy as np
 import torch
 from scipy import ndimage
 
 from ..modeling.sam2 import SAM2
-from .forward import clip_features, split_frames, track_clip
+from .forward import split_frames, track_clip
 from .prompts import PromptPlan, PromptSettings
 
 NO_CORRECTIONS = PromptSettings(num_correction_clicks=0, prob_click_from_gt=0.0)
@@ -72,26 +74,30 @@ def score_masklets(pred: np.ndarray, gt: np.ndarray) -> dict[str, float]:
 FEATURES_BUDGET = 2 << 30  # bytes
 
 
-@torch.inference_mode()
-def track_from_first_frame(model: SAM2, images: torch.Tensor, gt: torch.Tensor, prompt: str,
-                           feats: list | None = None) -> np.ndarray:
-    """Masklets (T x N x S x S bool) tracked from frame 0's ground-truth ``"mask"`` or ``"click"``;
-    ``feats``: the clip's image features (:func:`clip_features` in eval mode), encoded here if None."""
+@contextmanager
+def _evaluating(model: SAM2):
+    """The model in eval mode (no dropout, no drop-path) for the block, then as it was."""
     was_training = model.training
     model.eval()
     try:
+        yield model
+    finally:
+        model.train(was_training)
+
+
+@torch.inference_mode()
+def track_from_first_frame(model: SAM2, gt: torch.Tensor, prompt: str, feats: list) -> np.ndarray:
+    """Masklets (T x N x S x S bool) tracked from frame 0's ground-truth ``"mask"`` or ``"click"``;
+    ``feats``: the clip's image features, one per frame (:class:`ValidationFeatures`)."""
+    with _evaluating(model):
         plan = PromptPlan(use_points=prompt == "click", init_cond_frames=[0], frames_to_correct=[], num_frames=gt.shape[0])
         if prompt == "mask":
             plan.mask_inputs[0] = gt[0].unsqueeze(1).float()
         else:
             coords, labels = centre_clicks(gt[0])
             plan.point_inputs[0] = {"point_coords": coords, "point_labels": labels}
-        if feats is None:
-            feats = clip_features(model, images, train_encoder=False)
         out = track_clip(model, feats, gt, plan, np.random.default_rng(0), settings=NO_CORRECTIONS)
         return torch.stack([o["pred_masks_high_res"][:, 0] > 0 for o in out]).cpu().numpy()
-    finally:
-        model.train(was_training)
 
 
 class ValidationFeatures:
@@ -109,12 +115,10 @@ class ValidationFeatures:
 
     @torch.inference_mode()
     def __call__(self, model: SAM2, index: int, images: torch.Tensor) -> list:
-        was_training = model.training
-        model.eval()
-        try:
+        with _evaluating(model):
             levels = self._kept.get(index)
             if levels is None:
-                out = model.image_encoder(images.to(model.compute_dtype))
+                out = model.run_image_encoder(images, encoder_grad=False)
                 # only what the features are made of: the 3 levels the decoder and memory read, the last position map
                 levels = {"backbone_fpn": list(out["backbone_fpn"]), "vision_pos_enc": [out["vision_pos_enc"][-1]]}
                 self.encoded += 1
@@ -122,10 +126,7 @@ class ValidationFeatures:
                 if self.keep and self._bytes + size <= self.budget:
                     self._kept[index] = levels
                     self._bytes += size
-            projected = model.project_high_res({k: list(v) for k, v in levels.items()})
-            return split_frames(model.frame_features(projected))
-        finally:
-            model.train(was_training)
+            return split_frames(model.frame_features(model.project_high_res(levels)))
 
 
 def validate(model: SAM2, clips, device, features: ValidationFeatures | None = None) -> dict[str, float]:
@@ -136,7 +137,7 @@ def validate(model: SAM2, clips, device, features: ValidationFeatures | None = N
         images, gt = clip.images.to(device), clip.masks.to(device)
         feats = features(model, i, images)
         for prompt in ("mask", "click"):
-            pred = track_from_first_frame(model, images, gt, prompt, feats)
+            pred = track_from_first_frame(model, gt, prompt, feats)
             for key, value in score_masklets(pred, gt.cpu().numpy()).items():
                 sums.setdefault(f"val_{key}_{prompt}", []).append(value)
     return {key: float(np.mean(v)) for key, v in sums.items()}
