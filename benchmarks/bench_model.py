@@ -49,6 +49,8 @@ def parse_args(argv=None):
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and inputs")
+    p.add_argument("--precision", default="auto", choices=("auto", "fp32", "bf16"),
+                   help="ours (default auto: bf16 where the hardware computes it natively); the reference runs fp32")
     return p.parse_args(argv)
 
 
@@ -93,13 +95,14 @@ def main(argv=None) -> int:
         print(f"the reference implementation sam2==1.1.0 is needed for this benchmark ({exc})", file=sys.stderr)
         return 2
     from napari_sam2.build import build_model
+    from napari_sam2.precision import cpu_bf16_features
 
     load0 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
     t0 = time.perf_counter()
     ref = build_reference(args.model, args.seed)
     with tempfile.TemporaryDirectory() as tmp:
         ckpt = save_official_checkpoint(ref, Path(tmp) / f"{args.model}.pt")
-        ours = build_model(args.model, checkpoint=ckpt, device=device)
+        ours = build_model(args.model, checkpoint=ckpt, device=device, precision=args.precision)
     ref = ref.to(device)
     build_s = time.perf_counter() - t0
 
@@ -116,7 +119,7 @@ def main(argv=None) -> int:
 
         # (b) one tracking step, full memory bank, on the real features of the frame
         feats = ours.frame_features(out_o)
-        flat = lambda t: t.flatten(2).permute(2, 0, 1)  # noqa: E731
+        flat = lambda t: t.float().flatten(2).permute(2, 0, 1)  # noqa: E731  (the reference computes in fp32)
         vf = [flat(feats.high_res[0]), flat(feats.high_res[1]), flat(feats.embed)]
         vp = [None, None, flat(feats.pos)]
         sizes = [tuple(t.shape[-2:]) for t in (feats.high_res[0], feats.high_res[1], feats.embed)]
@@ -152,8 +155,10 @@ def main(argv=None) -> int:
     load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
     threads = torch.get_num_threads()
+    flags = ", ".join(cpu_bf16_features()) or "no AMX / AVX-512 BF16"
     print(f"model {args.model} | torch {torch.__version__} | {args.device} "
-          f"({platform.processor() or platform.machine()}, {threads} threads) | fp32, inference_mode | "
+          f"({platform.processor() or platform.machine()}, {threads} threads, CPU: {flags}) | "
+          f"ours {ours.precision} (asked: {args.precision}), reference fp32 | inference_mode | "
           f"median of {args.repeats} after 1 warm-up, ours/reference interleaved")
     print(f"load average 1 min: {load0:.1f} at start, {load1:.1f} at end (timings are only comparable on an idle machine)")
     print(f"setup (build reference + checkpoint + ours): {build_s:.1f} s")

@@ -10,6 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import attention
 from .common import MLP, interpolate
 from .configs import HieraConfig
 
@@ -68,7 +69,7 @@ class MultiScaleAttention(nn.Module):
             q = pool_tokens(q.reshape(b, h, w, -1), self.q_pool)
             h, w = q.shape[1:3]
             q = q.reshape(b, h * w, self.num_heads, -1)
-        out = F.scaled_dot_product_attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
+        out = attention(q.transpose(1, 2), k.transpose(1, 2), v.transpose(1, 2))
         return self.proj(out.transpose(1, 2).reshape(b, h, w, -1))
 
 
@@ -121,6 +122,7 @@ class Hiera(nn.Module):
         self.patch_embed = PatchEmbed(dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, dim, *cfg.window_pos_embed_bkg_spatial_size))
         self.pos_embed_window = nn.Parameter(torch.zeros(1, dim, cfg.window_spec[0], cfg.window_spec[0]))
+        self._pos_cache: tuple | None = None  # (hw, parameters, versions, 1 x H x W x C map) of inference
 
         ends = [sum(cfg.stages[: i + 1]) - 1 for i in range(len(cfg.stages))]
         self.stage_ends = ends
@@ -149,10 +151,27 @@ class Hiera(nn.Module):
         self.channel_list = list(reversed(cfg.channels))
 
     def _pos_embed(self, hw: tuple[int, int]) -> torch.Tensor:
+        if torch.is_grad_enabled():  # training: the embeddings learn, compute them from this step's values
+            return self._compute_pos_embed(hw)
+        # inference: the same map every frame (a bicubic resize, 50-70 ms per frame in bf16 on a CPU), kept
+        # while the parameters hold the same storage at the same version (the cache holds that storage, so
+        # no later tensor can take its address)
+        params = (self.pos_embed, self.pos_embed_window)
+        versions = tuple(0 if p.is_inference() else p._version for p in params)
+        cached = self._pos_cache
+        if not (
+            cached is not None and cached[0] == hw and cached[2] == versions
+            and all(a.data_ptr() == p.data_ptr() and a.dtype == p.dtype and a.device == p.device
+                    for a, p in zip(cached[1], params))
+        ):
+            cached = self._pos_cache = (hw, tuple(p.detach() for p in params), versions, self._compute_pos_embed(hw))
+        return cached[3]
+
+    def _compute_pos_embed(self, hw: tuple[int, int]) -> torch.Tensor:
         pos = interpolate(self.pos_embed, size=hw, mode="bicubic")
         win = self.pos_embed_window
         pos = pos + win.tile(1, 1, hw[0] // win.shape[-2], hw[1] // win.shape[-1])
-        return pos.permute(0, 2, 3, 1)
+        return pos.permute(0, 2, 3, 1)  # 1 x H x W x C
 
     def forward(self, x: torch.Tensor) -> list[torch.Tensor]:
         x = self.patch_embed(x)

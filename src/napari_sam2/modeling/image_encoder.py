@@ -37,7 +37,7 @@ class FpnNeck(nn.Module):
             else:
                 prev = lateral
             feats[i] = prev
-        pos = [self.position_encoding(f).to(f.dtype) for f in feats]
+        pos = [self.position_encoding(f) for f in feats]
         return feats, pos
 
 

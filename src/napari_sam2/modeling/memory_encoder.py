@@ -70,4 +70,4 @@ class MemoryEncoder(nn.Module):
         (sigmoid or binarised, x20 - 10). Returns memory features and their position map, B x 64 x 64 x 64."""
         x = self.pix_feat_proj(pix_feat) + self.mask_downsampler(mask)
         x = self.out_proj(self.fuser(x))
-        return x, self.position_encoding(x).to(x.dtype)
+        return x, self.position_encoding(x)

@@ -13,7 +13,7 @@ class PositionEmbeddingSine(nn.Module):
     """Normalised 2D sine/cosine map (DETR style) for B x C x H x W features.
 
     ``num_pos_feats`` is the output channel count; half of it encodes y, half x.
-    Maps depend only on (H, W), so they are cached per size and device.
+    Maps depend only on (H, W), so they are cached per size, device and dtype.
     """
 
     def __init__(self, num_pos_feats: int, temperature: float = 10000.0):
@@ -24,11 +24,12 @@ class PositionEmbeddingSine(nn.Module):
         self.scale = 2 * math.pi
         self._cache: dict[tuple, torch.Tensor] = {}
 
-    def _map(self, h: int, w: int, device: torch.device) -> torch.Tensor:
-        key = (h, w, device)
+    def _map(self, h: int, w: int, device: torch.device, dtype: torch.dtype) -> torch.Tensor:
+        # per dtype too: converting a 256 x 256 x 256 map to bf16 on every frame cost more than computing it
+        key = (h, w, device, dtype)
         if key not in self._cache:
             with torch.inference_mode(False):  # a cache made under inference mode could not serve training
-                self._cache[key] = self._compute(h, w, device)
+                self._cache[key] = self._compute(h, w, device).to(dtype)
         return self._cache[key]
 
     def _compute(self, h: int, w: int, device: torch.device) -> torch.Tensor:
@@ -51,8 +52,8 @@ class PositionEmbeddingSine(nn.Module):
 
     @torch.no_grad()
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        pos = self._map(x.shape[-2], x.shape[-1], x.device)
-        return pos.unsqueeze(0).expand(x.shape[0], -1, -1, -1).to(x.dtype)
+        pos = self._map(x.shape[-2], x.shape[-1], x.device, x.dtype)
+        return pos.unsqueeze(0).expand(x.shape[0], -1, -1, -1)
 
 
 class PositionEmbeddingRandom(nn.Module):

@@ -163,7 +163,7 @@ class SAM2(nn.Module):
 
     def features_from_levels(self, embed: torch.Tensor, high_res0: torch.Tensor, high_res1: torch.Tensor) -> FrameFeatures:
         """FrameFeatures from the three stored levels (the position map depends only on the size)."""
-        pos = self.image_encoder.neck.position_encoding(embed).to(embed.dtype)
+        pos = self.image_encoder.neck.position_encoding(embed)
         return FrameFeatures(embed, pos, (high_res0, high_res1))
 
     # ------------------------------------------------------------------ SAM heads

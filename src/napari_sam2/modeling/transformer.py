@@ -4,9 +4,9 @@ used by memory attention."""
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from .attention import attention
 from .common import MLP
 from .position_encoding import apply_rope, axial_rope_angles
 
@@ -37,7 +37,7 @@ class Attention(nn.Module):
         q = self._heads(self.q_proj(q))
         k = self._heads(self.k_proj(k))
         v = self._heads(self.v_proj(v))
-        return self._out(F.scaled_dot_product_attention(q, k, v))
+        return self._out(attention(q, k, v))
 
 
 class RoPEAttention(Attention):
@@ -81,7 +81,7 @@ class RoPEAttention(Attention):
             # k is this call's own projection: rotate its spatial tokens in place, pointers stay as they are
             k[:, :, :n_rope] = apply_rope(k[:, :, :n_rope], self._freqs)
         dropout_p = self.dropout_p if self.training else 0.0
-        return self._out(F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p))
+        return self._out(attention(q, k, v, dropout_p=dropout_p))
 
 
 class TwoWayAttentionBlock(nn.Module):
