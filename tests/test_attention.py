@@ -32,11 +32,13 @@ def _qkv(name, dtype=torch.float32, seed=0):
 
 
 @pytest.mark.parametrize("name", sorted(SHAPES))
-@pytest.mark.parametrize("block_bytes", [attention_mod.SCORE_BLOCK_BYTES, 20_000, 1])
-def test_the_matmul_attention_is_the_attention(name, block_bytes, monkeypatch):
+@pytest.mark.parametrize("block_bytes, query_chunk", [(attention_mod.SCORE_BLOCK_BYTES, 512), (20_000, 512), (1, 100)])
+def test_the_matmul_attention_is_the_attention(name, block_bytes, query_chunk, monkeypatch):
     """In fp32 it gives torch's result to rounding, whether the scores fit in one block, are split
-    into groups of windows or into chunks of queries (small blocks force every split)."""
+    into groups of windows or into chunks of queries with a shorter last one (small sizes force
+    every split)."""
     monkeypatch.setattr(attention_mod, "SCORE_BLOCK_BYTES", block_bytes)
+    monkeypatch.setattr(attention_mod, "QUERY_CHUNK", query_chunk)
     q, k, v = _qkv(name)
     expected = F.scaled_dot_product_attention(q.expand(k.shape[0], -1, -1, -1), k, v)
     got = matmul_attention(q, k, v)
@@ -64,17 +66,26 @@ def _path_taken(monkeypatch, q, k, v, **kw):
     return ("matmul" if taken else "torch"), out
 
 
-@pytest.mark.parametrize("amx", [False, True])
-def test_bf16_inference_takes_the_matmul_path_only_on_cpus_without_amx(amx, monkeypatch):
-    monkeypatch.setattr(attention_mod, "_cpu_flash_computes_bf16", lambda: amx)
-    q, k, v = _qkv("global", torch.bfloat16)
-    with torch.inference_mode():
-        path, _ = _path_taken(monkeypatch, q, k, v)
-    assert path == ("torch" if amx else "matmul")
+@pytest.mark.parametrize(
+    "features, expected",
+    [([], "torch"), (["avx512_bf16"], "matmul"), (["amx_bf16", "avx512_bf16"], "torch")],
+)
+def test_bf16_inference_takes_the_matmul_path_only_with_avx512_bf16_and_no_amx(features, expected, monkeypatch):
+    monkeypatch.setattr("napari_sam2.precision.cpu_bf16_features", lambda: features)
+    attention_mod._matmul_path_pays.cache_clear()
+    try:
+        q, k, v = _qkv("global", torch.bfloat16)
+        with torch.inference_mode():
+            path, _ = _path_taken(monkeypatch, q, k, v)
+            assert path == expected
+            # empty queries or keys: torch's kernel, whatever the CPU
+            assert _path_taken(monkeypatch, q[..., :0, :], k, v)[0] == "torch"
+    finally:
+        attention_mod._matmul_path_pays.cache_clear()
 
 
 def test_fp32_training_and_dropout_always_take_torchs_kernel(monkeypatch):
-    monkeypatch.setattr(attention_mod, "_cpu_flash_computes_bf16", lambda: False)
+    monkeypatch.setattr(attention_mod, "_matmul_path_pays", lambda: True)
     q, k, v = _qkv("global")
     with torch.inference_mode():
         path, out = _path_taken(monkeypatch, q, k, v)

@@ -3,8 +3,9 @@
 torch's CPU flash attention computes bf16 fast only with AMX tiles. On a CPU with AVX-512 BF16 but no
 AMX it ran no faster than fp32 (memory attention's 4096 queries x 28.7k keys x 256: 0.81 s bf16 vs
 0.82 s fp32, 2 threads), while bf16 matrix products there are 2.3x fp32. Spelled out as two matrix
-products around a softmax, chunked over queries to keep the score block in cache, the same attention
-took 0.43 s; Hiera's global attention (4 heads x 4096 x 4096 x 96) 0.12 s instead of 0.21 s. The
+products around a softmax, 512 queries at a time to keep the score block in cache, the same attention
+took 0.43 s; Hiera's global attention (4 heads x 4096 x 4096 x 96) 0.12 s instead of 0.21 s. Only
+attention that builds no graph goes that way (inference, and a frozen encoder in fine-tuning). The
 scores are rounded to bf16 before the softmax (flash keeps them in fp32): errors about 1.5-2x
 flash's, well inside the bf16 accuracy criterion (``tests/test_bf16_accuracy.py``). fp32 always goes
 to torch's kernel, so fp32 results stay the reference's.
@@ -17,38 +18,44 @@ import functools
 import torch
 import torch.nn.functional as F
 
-# score block per matrix product, in bytes: 24 MiB is about 512 queries of 28.7k keys, the fastest
-# chunk measured (128-768 tried) on a 2-core AVX-512 BF16 CPU
+# queries per block when one query set's scores would not fit a block: 512 queries of 16k-28.7k keys
+# was the fastest chunk measured (128-768 tried) on a 2-core AVX-512 BF16 CPU
+QUERY_CHUNK = 512
+# small attentions (Hiera's windows) run as batched products over groups of at most this many score bytes
 SCORE_BLOCK_BYTES = 24 << 20
 
 
 @functools.cache
-def _cpu_flash_computes_bf16() -> bool:
+def _matmul_path_pays() -> bool:
+    """AVX-512 BF16 without AMX: the CPUs where bf16 matrix products beat torch's bf16 flash kernel
+    (measured; elsewhere that kernel is either fast (AMX) or bf16 itself is emulated)."""
     from ..precision import cpu_bf16_features
 
-    return "amx_bf16" in cpu_bf16_features()
+    features = cpu_bf16_features()
+    return "avx512_bf16" in features and "amx_bf16" not in features
 
 
-def uses_matmul_path(q: torch.Tensor) -> bool:
-    """Whether :func:`attention` spells the attention out for these queries (bf16 inference on a CPU
-    without AMX); training and dropout always take torch's kernel."""
+def uses_matmul_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+    """Whether :func:`attention` spells the attention out: bf16 queries, keys and values on such a CPU,
+    with no graph being built (a training step's attention always takes torch's kernel)."""
     return (
-        q.dtype == torch.bfloat16 and q.device.type == "cpu" and not torch.is_grad_enabled()
-        and not _cpu_flash_computes_bf16()
+        q.dtype == k.dtype == v.dtype == torch.bfloat16 and q.device.type == "cpu"
+        and not torch.is_grad_enabled() and _matmul_path_pays()
     )
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v for ... x Lq x d queries, ... x Lk x d keys, ... x Lk x dv values
     (leading dimensions broadcast, as in ``F.scaled_dot_product_attention``)."""
-    if dropout_p == 0.0 and uses_matmul_path(q):
+    if dropout_p == 0.0 and uses_matmul_path(q, k, v) and q.numel() and k.numel() and v.numel():
         return matmul_attention(q, k, v)
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
 
 
 def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
-    """The attention as ``softmax((q / sqrt(d)) @ k^T) @ v``, in score blocks of at most
-    :data:`SCORE_BLOCK_BYTES` (any dtype; :func:`attention` sends only CPU bf16 here)."""
+    """The attention as ``softmax((q / sqrt(d)) @ k^T) @ v`` for non-empty queries and keys, in blocks
+    of :data:`QUERY_CHUNK` queries or batched groups of at most :data:`SCORE_BLOCK_BYTES` of scores
+    (any dtype; :func:`attention` sends only CPU bf16 here)."""
     lead = torch.broadcast_shapes(q.shape[:-2], k.shape[:-2], v.shape[:-2])
     lq, lk = q.shape[-2], k.shape[-2]
     q = q * q.shape[-1] ** -0.5
@@ -60,8 +67,8 @@ def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     k = k.expand(*lead, lk, k.shape[-1]).reshape(rows, lk, -1)  # R x Lk x d
     v = v.expand(*lead, lk, v.shape[-1]).reshape(rows, lk, -1)  # R x Lk x dv
     out = q.new_empty(rows, lq, v.shape[-1])
-    # one score and one probability buffer for every block: a fresh 24 MiB block per product costs page
-    # faults (measured 15 % of the attention's time) and varies with the allocator's state
+    # one score and one probability buffer for every block of a call: a fresh 29 MiB block per product
+    # costs page faults (measured 15 % of the attention's time) and varies with the allocator's state
     per_row = lq * lk * itemsize
     if per_row <= SCORE_BLOCK_BYTES:
         # many small windows (Hiera's windowed blocks): batched products over groups of windows
@@ -73,7 +80,7 @@ def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
             torch.softmax(scores[:n], dim=-1, out=probs[:n])
             torch.matmul(probs[:n], v[r : r + n], out=out[r : r + n])
         return out.reshape(*lead, lq, -1)
-    chunk = max(1, SCORE_BLOCK_BYTES // (lk * itemsize))
+    chunk = QUERY_CHUNK
     scores, probs = (q.new_empty(min(chunk, lq), lk) for _ in range(2))
     for r in range(rows):
         # a contiguous k^T: the product reads it row-major (1.8x faster than through a transposed view)

@@ -151,13 +151,14 @@ class Hiera(nn.Module):
         self.channel_list = list(reversed(cfg.channels))
 
     def _pos_embed(self, hw: tuple[int, int]) -> torch.Tensor:
-        if torch.is_grad_enabled():  # training: the embeddings learn, compute them from this step's values
+        params = (self.pos_embed, self.pos_embed_window)
+        if torch.is_grad_enabled() or torch.compiler.is_compiling() or any(p.is_inference() for p in params):
+            # training: the embeddings learn; inference tensors keep no version to tell an edit by
             return self._compute_pos_embed(hw)
         # inference: the same map every frame (a bicubic resize, 50-70 ms per frame in bf16 on a CPU), kept
         # while the parameters hold the same storage at the same version (the cache holds that storage, so
         # no later tensor can take its address)
-        params = (self.pos_embed, self.pos_embed_window)
-        versions = tuple(0 if p.is_inference() else p._version for p in params)
+        versions = tuple(p._version for p in params)
         cached = self._pos_cache
         if not (
             cached is not None and cached[0] == hw and cached[2] == versions
@@ -166,6 +167,10 @@ class Hiera(nn.Module):
         ):
             cached = self._pos_cache = (hw, tuple(p.detach() for p in params), versions, self._compute_pos_embed(hw))
         return cached[3]
+
+    def _apply(self, fn, recurse=True):
+        self._pos_cache = None  # moved or recast (.to, set_precision): drop the old map and storage now
+        return super()._apply(fn, recurse)
 
     def _compute_pos_embed(self, hw: tuple[int, int]) -> torch.Tensor:
         pos = interpolate(self.pos_embed, size=hw, mode="bicubic")
