@@ -14,6 +14,7 @@ to torch's kernel, so fp32 results stay the reference's.
 from __future__ import annotations
 
 import functools
+import math
 
 import torch
 import torch.nn.functional as F
@@ -60,9 +61,7 @@ def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
     lq, lk = q.shape[-2], k.shape[-2]
     q = q * q.shape[-1] ** -0.5
     itemsize = q.element_size()
-    rows = 1
-    for n in lead:
-        rows *= n
+    rows = math.prod(lead)
     q = q.expand(*lead, lq, q.shape[-1]).reshape(rows, lq, -1)  # R x Lq x d
     k = k.expand(*lead, lk, k.shape[-1]).reshape(rows, lk, -1)  # R x Lk x d
     v = v.expand(*lead, lk, v.shape[-1]).reshape(rows, lk, -1)  # R x Lk x dv
@@ -80,13 +79,12 @@ def matmul_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch
             torch.softmax(scores[:n], dim=-1, out=probs[:n])
             torch.matmul(probs[:n], v[r : r + n], out=out[r : r + n])
         return out.reshape(*lead, lq, -1)
-    chunk = QUERY_CHUNK
-    scores, probs = (q.new_empty(min(chunk, lq), lk) for _ in range(2))
+    scores, probs = (q.new_empty(min(QUERY_CHUNK, lq), lk) for _ in range(2))
     for r in range(rows):
         # a contiguous k^T: the product reads it row-major (1.8x faster than through a transposed view)
         kt = k[r].t().contiguous()  # d x Lk
-        for i in range(0, lq, chunk):
-            n = min(chunk, lq - i)
+        for i in range(0, lq, QUERY_CHUNK):
+            n = min(QUERY_CHUNK, lq - i)
             torch.matmul(q[r, i : i + n], kt, out=scores[:n])  # chunk x Lk
             torch.softmax(scores[:n], dim=-1, out=probs[:n])
             torch.matmul(probs[:n], v[r], out=out[r, i : i + n])

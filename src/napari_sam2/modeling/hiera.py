@@ -122,7 +122,7 @@ class Hiera(nn.Module):
         self.patch_embed = PatchEmbed(dim)
         self.pos_embed = nn.Parameter(torch.zeros(1, dim, *cfg.window_pos_embed_bkg_spatial_size))
         self.pos_embed_window = nn.Parameter(torch.zeros(1, dim, cfg.window_spec[0], cfg.window_spec[0]))
-        self._pos_cache: tuple | None = None  # (hw, parameters, versions, 1 x H x W x C map) of inference
+        self._pos_cache: tuple | None = None  # (key, parameters' storage, 1 x H x W x C map) of inference
 
         ends = [sum(cfg.stages[: i + 1]) - 1 for i in range(len(cfg.stages))]
         self.stage_ends = ends
@@ -158,15 +158,10 @@ class Hiera(nn.Module):
         # inference: the same map every frame (a bicubic resize, 50-70 ms per frame in bf16 on a CPU), kept
         # while the parameters hold the same storage at the same version (the cache holds that storage, so
         # no later tensor can take its address)
-        versions = tuple(p._version for p in params)
-        cached = self._pos_cache
-        if not (
-            cached is not None and cached[0] == hw and cached[2] == versions
-            and all(a.data_ptr() == p.data_ptr() and a.dtype == p.dtype and a.device == p.device
-                    for a, p in zip(cached[1], params))
-        ):
-            cached = self._pos_cache = (hw, tuple(p.detach() for p in params), versions, self._compute_pos_embed(hw))
-        return cached[3]
+        key = (hw, tuple((p.data_ptr(), p.dtype, p.device, p._version) for p in params))
+        if self._pos_cache is None or self._pos_cache[0] != key:
+            self._pos_cache = (key, tuple(p.detach() for p in params), self._compute_pos_embed(hw))
+        return self._pos_cache[2]
 
     def _apply(self, fn, recurse=True):
         self._pos_cache = None  # moved or recast (.to, set_precision): drop the old map and storage now
