@@ -60,6 +60,9 @@ def parse_args(argv=None):
     p.add_argument("--objects", type=int, nargs="+", default=[1, 10], help="speed: object counts (default: 1 10)")
     p.add_argument("--lengths", type=int, nargs=2, default=[30, 300], help="memory: the two video lengths (default: 30 300)")
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's choice)")
+    p.add_argument("--repeats", type=int, default=1,
+                   help="speed: runs of ours and the reference in turn, each from a fresh feature cache; the "
+                   "figures are medians (default 1)")
     p.add_argument("--device", default="cpu", help="cpu (default) or cuda (speed mode)")
     p.add_argument("--seed", type=int, default=0, help="seed of the random weights and of the synthetic video")
     p.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto",
@@ -72,6 +75,8 @@ def parse_args(argv=None):
     args = p.parse_args(argv)
     if args.image_size is None:
         args.image_size = 1024 if args.mode == "speed" else 512
+    if args.repeats < 1:
+        p.error(f"--repeats must be at least 1, got {args.repeats}")
     if args.image_size <= 0 or args.image_size % 64:
         p.error(f"--image-size must be a positive multiple of 64, got {args.image_size}")
     return args
@@ -202,13 +207,17 @@ def speed(args) -> int:
         rows = []
         for k in args.objects:
             clicks = clicks_all[:k]
-            prompt_o, prop_o, masks_o, again_o = run_ours(ours, video, clicks, n, device,
-                                                          cache_dir=Path(caches.name) / f"{k}-objects", refine=True)
-            prompt_r, prop_r, masks_r, again_r = run_reference(ref, images, H, W, clicks, n, device, refine=True)
-            diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(masks_o, masks_r))
-            rows.append((len(clicks), prompt_o, prompt_r, prop_o / n, prop_r / n, [a / n for a in again_o],
-                         [a / n for a in again_r], diff))
-            del masks_o, masks_r
+            runs_o, runs_r = [], []
+            for rep in range(args.repeats):  # ours and the reference in turn: both see the machine's drift
+                prompt_o, prop_o, masks_o, again_o = run_ours(
+                    ours, video, clicks, n, device, cache_dir=Path(caches.name) / f"{k}-objects-{rep}", refine=True)
+                prompt_r, prop_r, masks_r, again_r = run_reference(ref, images, H, W, clicks, n, device, refine=True)
+                diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(masks_o, masks_r))
+                runs_o.append((prompt_o, prop_o / n, *(a / n for a in again_o)))
+                runs_r.append((prompt_r, prop_r / n, *(a / n for a in again_r)))
+                del masks_o, masks_r
+            (prompt_o, so, *ao), (prompt_r, sr, *ar) = (np.median(np.array(r), axis=0) for r in (runs_o, runs_r))
+            rows.append((len(clicks), prompt_o, prompt_r, so, sr, ao, ar, diff))
     load1 = load_average()
     caches.cleanup()
 
@@ -218,7 +227,8 @@ def speed(args) -> int:
           f"torch {torch.__version__} | {args.device} ({platform.processor() or platform.machine()}, {threads} threads, "
           f"CPU: {flags})")
     print(f"precision: ours {ours.precision} (asked: {args.precision}), reference fp32 | ours' batches: up to "
-          f"{ours.max_batch or default_max_batch(device)} objects | ours' feature cache: fresh for each object count")
+          f"{ours.max_batch or default_max_batch(device)} objects | ours' feature cache: fresh for each object count and run"
+          f" | figures: medians of {args.repeats} run(s) of ours and the reference in turn")
     print(f"prompts: 1 click per object on frame 0 (true cell centres); propagate_in_video over {n} frames; then a "
           f"refinement click of object 1 on frame {max(n // 2, 1)} and propagate_in_video again: 'corr.' as the official "
           "API treats it (the next pass re-tracks the corrected frame), 'kept' as the napari plugin does "

@@ -100,3 +100,65 @@ def test_fp32_training_and_dropout_always_take_torchs_kernel(monkeypatch):
     with torch.no_grad():
         path, _ = _path_taken(monkeypatch, qb, kb, vb, dropout_p=0.1)
     assert path == "torch"
+
+
+def _memory_cross_attention(seed=0):
+    """Memory attention's cross-attention (one head, 64-wide memories under a 256-wide head) with 1 query
+    set against 2 objects' memories: 16 spatial tokens per frame x 3 frames + 4 pointer tokens."""
+    from napari_sam2.modeling.transformer import RoPEAttention
+
+    torch.manual_seed(seed)
+    layer = RoPEAttention(256, num_heads=1, rope_k_repeat=True, kv_in_dim=64, feat_sizes=(4, 4)).eval()
+    with torch.no_grad():
+        layer.v_proj.bias.normal_()  # a bias the late projection must add exactly once
+    x = torch.randn(1, 16, 256) * 3
+    memory = torch.randn(2, 52, 64)
+    keys = memory + torch.randn(2, 52, 64)
+    return layer, x, keys, memory
+
+
+def test_memory_cross_attention_projects_the_attended_memories_on_the_bf16_matmul_path(monkeypatch):
+    """softmax(qk) (m W + b) = (softmax(qk) m) W + b: the product with the probabilities runs 64 wide
+    instead of 256; the result is the same attention (fp32 to rounding; bf16 as close to fp32 as the
+    usual order)."""
+    from napari_sam2.modeling import transformer
+
+    layer, x, keys, memory = _memory_cross_attention()
+    with torch.inference_mode():
+        exact = layer(x, keys, memory, num_k_exclude_rope=4)
+        # the algebra, in fp32: the late projection forced on torch's kernel (which takes 64-wide values)
+        monkeypatch.setattr(transformer.RoPEAttention, "_projects_values_late", lambda self, q, k, v: True)
+        late_fp32 = layer(x, keys, memory, num_k_exclude_rope=4)
+        torch.testing.assert_close(late_fp32, exact, rtol=0, atol=1e-5)
+        monkeypatch.undo()
+
+        # the path itself: bf16 inference on a CPU where the matmul attention pays, and nowhere else
+        monkeypatch.setattr(attention_mod, "_matmul_path_pays", lambda: True)
+        seen = []
+        real_linear = torch.nn.functional.linear
+        monkeypatch.setattr(torch.nn.functional, "linear",
+                            lambda inp, w, b=None: seen.append(tuple(inp.shape)) or real_linear(inp, w, b))
+        layer.bfloat16()
+        xb, kb, mb = x.bfloat16(), keys.bfloat16(), memory.bfloat16()
+        late_bf16 = layer(xb, kb, mb, num_k_exclude_rope=4).float()
+        # the value projection read the attended memories (2 objects x 16 queries), not the 52 memory tokens
+        assert [s for s in seen if s[-1] == 64] == [(2, 52, 64), (2, 1, 16, 64)]  # keys, attended memories
+        monkeypatch.setattr(transformer.RoPEAttention, "_projects_values_late", lambda self, q, k, v: False)
+        early_bf16 = layer(xb, kb, mb, num_k_exclude_rope=4).float()
+    scale = exact.abs().max()
+    late_err, early_err = (late_bf16 - exact).abs().max(), (early_bf16 - exact).abs().max()
+    assert late_err <= 2 * early_err + 1e-2 * scale, (late_err, early_err, scale)
+    assert late_err <= 5e-2 * scale
+
+
+def test_fp32_and_training_keep_the_reference_order_of_the_value_projection(monkeypatch):
+    monkeypatch.setattr(attention_mod, "_matmul_path_pays", lambda: True)
+    layer, x, keys, memory = _memory_cross_attention()
+    calls = []
+    real = layer.v_proj.forward
+    monkeypatch.setattr(layer.v_proj, "forward", lambda inp: calls.append(tuple(inp.shape)) or real(inp))
+    with torch.inference_mode():
+        layer(x, keys, memory, num_k_exclude_rope=4)  # fp32: values projected first, as the reference
+    layer.bfloat16().train()
+    layer(x.bfloat16(), keys.bfloat16(), memory.bfloat16(), num_k_exclude_rope=4)  # a training step
+    assert calls == [(2, 52, 64), (2, 52, 64)]

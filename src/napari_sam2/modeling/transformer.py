@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import attention
+from .attention import attention, uses_matmul_path
 from .common import MLP
 from .position_encoding import apply_rope, axial_rope_angles
 
@@ -63,10 +63,19 @@ class RoPEAttention(Attention):
             angles = axial_rope_angles(self.internal_dim // self.num_heads, end_x, end_y, self.rope_theta)
             self._freqs = torch.polar(torch.ones_like(angles), angles).to(device or "cpu")
 
+    def _projects_values_late(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
+        """Whether to attend over the narrow input values and project the result instead: softmax rows sum
+        to one, so P (V_in W^T + b) = (P V_in) W^T + b, and with memory attention's 64-wide memories under
+        a 256-wide head the product with the probabilities (one of attention's two big products) does a
+        quarter of the work. Only on the bf16 matrix-product path (the rounding moves; fp32 keeps the
+        reference's order, and torch's kernels want one width for keys and values)."""
+        return self.num_heads == 1 and self.v_proj.in_features < self.internal_dim and uses_matmul_path(q, k, v)
+
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_k_exclude_rope: int = 0) -> torch.Tensor:
+        late_values = self._projects_values_late(q, k, v)
         q = self._heads(self.q_proj(q))
         k = self._heads(self.k_proj(k))
-        v = self._heads(self.v_proj(v))
+        v = v.unsqueeze(1) if late_values else self._heads(self.v_proj(v))  # B x 1 x Lk x kv_in_dim
         n = q.shape[-2]
         if self._freqs.shape[0] != n or self._freqs.device != q.device:
             side = int(round(n**0.5))
@@ -81,7 +90,10 @@ class RoPEAttention(Attention):
             # k is this call's own projection: rotate its spatial tokens in place, pointers stay as they are
             k[:, :, :n_rope] = apply_rope(k[:, :, :n_rope], self._freqs)
         dropout_p = self.dropout_p if self.training else 0.0
-        return self._out(attention(q, k, v, dropout_p=dropout_p))
+        out = attention(q, k, v, dropout_p=dropout_p)
+        if late_values:
+            out = self.v_proj(out)  # B x 1 x Lq x kv_in_dim -> B x 1 x Lq x d
+        return self._out(out)
 
 
 class TwoWayAttentionBlock(nn.Module):

@@ -11,6 +11,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import numpy as np
 import torch
 
+from ..heap import retained_heap
 from ..modeling import SAM2
 from ..modeling.sam2 import FrameFeatures
 from .feature_cache import frame_key, settings_key, weights_fingerprint
@@ -164,8 +165,11 @@ class FrameFeatureSource:
         (the others were cached already). ``progress(1)`` is called after each frame."""
         if self.cache is None:
             raise ValueError("precomputing needs a feature cache: pass feature_cache=None (the default folder) or a folder.")
+        with retained_heap():
+            return self._precompute(list(range(len(self.frames)) if frames is None else frames), progress)
+
+    def _precompute(self, order: list[int], progress: Callable[[int], None] | None) -> int:
         before = self.encoded
-        order = list(range(len(self.frames)) if frames is None else frames)
         for i, t in enumerate(order):
             if i + 1 < len(order):
                 self.prefetch(order[i + 1])

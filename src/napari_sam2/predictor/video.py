@@ -21,6 +21,7 @@ import numpy as np
 import torch
 
 from ..build import build_model, resolve_device
+from ..heap import retained_heap
 from ..modeling import DEFAULT_MODEL, SAM2
 from ..modeling.sam2 import NO_OBJ_SCORE
 from .feature_cache import open_feature_cache
@@ -600,23 +601,28 @@ class VideoPredictor:
         """Track every object through the video, yielding ``(frame_idx, obj_ids, masks)`` frame by
         frame as soon as each is done (masks: N x 1 x H x W logits at the video's resolution)."""
         state = inference_state
-        self._preflight(state)
-        n = state.num_frames
-        objs = list(state.objects.values())
-        if start_frame_idx is None:
-            start_frame_idx = min(t for o in objs for t in o.cond)
-        else:
-            start_frame_idx = self._check_frame(state, start_frame_idx)
-        if max_frame_num_to_track is None:
-            max_frame_num_to_track = n
-        if reverse:
-            end = max(start_frame_idx - max_frame_num_to_track, 0)
-            order = range(start_frame_idx, end - 1, -1) if start_frame_idx > 0 else range(0)
-        else:
-            end = min(start_frame_idx + max_frame_num_to_track, n - 1)
-            order = range(start_frame_idx, end + 1)
+        with retained_heap():
+            self._preflight(state)
+            order = self._order(state, start_frame_idx, max_frame_num_to_track, reverse)
+            yield from self._propagate(state, list(state.objects.values()), order, reverse)
 
-        order = list(order)
+    def _order(self, state: VideoState, start: int | None, max_frames: int | None, reverse: bool) -> list[int]:
+        """The frames a pass visits, in order (the official API's defaults: from the first prompted frame
+        to the end of the video, or back to its start)."""
+        n = state.num_frames
+        if start is None:
+            start = min(t for o in state.objects.values() for t in o.cond)
+        else:
+            start = self._check_frame(state, start)
+        if max_frames is None:
+            max_frames = n
+        if reverse:
+            end = max(start - max_frames, 0)
+            return list(range(start, end - 1, -1)) if start > 0 else []
+        return list(range(start, min(start + max_frames, n - 1) + 1))
+
+    def _propagate(self, state: VideoState, objs: list[ObjectTrack], order: list[int], reverse: bool):
+        n = state.num_frames
         settings = self._step_settings(n)
         for i, t in enumerate(order):
             if i + 1 < len(order):
