@@ -34,6 +34,7 @@ import json
 import os
 import platform
 import resource
+import shutil
 import subprocess
 import sys
 import tempfile
@@ -207,12 +208,14 @@ def speed(args) -> int:
         rows = []
         for k in args.objects:
             clicks = clicks_all[:k]
-            runs_o, runs_r = [], []
+            runs_o, runs_r, diff = [], [], 0.0
             for rep in range(args.repeats):  # ours and the reference in turn: both see the machine's drift
-                prompt_o, prop_o, masks_o, again_o = run_ours(
-                    ours, video, clicks, n, device, cache_dir=Path(caches.name) / f"{k}-objects-{rep}", refine=True)
+                cache_dir = Path(caches.name) / f"{k}-objects-{rep}"
+                prompt_o, prop_o, masks_o, again_o = run_ours(ours, video, clicks, n, device, cache_dir=cache_dir,
+                                                              refine=True)
+                shutil.rmtree(cache_dir, ignore_errors=True)
                 prompt_r, prop_r, masks_r, again_r = run_reference(ref, images, H, W, clicks, n, device, refine=True)
-                diff = max((a.float() - b.float()).abs().max().item() for a, b in zip(masks_o, masks_r))
+                diff = max([diff] + [(a.float() - b.float()).abs().max().item() for a, b in zip(masks_o, masks_r)])
                 runs_o.append((prompt_o, prop_o / n, *(a / n for a in again_o)))
                 runs_r.append((prompt_r, prop_r / n, *(a / n for a in again_r)))
                 del masks_o, masks_r

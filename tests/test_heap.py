@@ -3,6 +3,7 @@ system when the last propagation ends (glibc; elsewhere nothing changes)."""
 
 from __future__ import annotations
 
+import gc
 import os
 import resource
 import threading
@@ -31,13 +32,20 @@ def _encoder_like_frames(frames: int) -> int:
     return resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before
 
 
+@pytest.fixture(autouse=True)
+def _no_scope_open():
+    gc.collect()  # an abandoned propagation of an earlier test ends its scope when collected
+    assert heap._depth == 0, "a propagation of an earlier test still holds the heap"
+
+
 def test_freed_activations_are_reused_inside_the_scope_and_given_back_after():
     pages_per_frame = 206 * MIB // os.sysconf("SC_PAGE_SIZE")
     with heap.retained_heap() as kept:
-        assert kept
+        if not kept:
+            pytest.skip("this glibc refused the thresholds")
         _encoder_like_frames(4)  # the heap grows to what a frame needs
-        # then every frame's activations land in pages already there: nothing to fault in and zero again
-        assert _encoder_like_frames(3) < 3 * pages_per_frame // 10
+        # then the frames' activations land in pages already there (without: 3 frames' pages afresh)
+        assert _encoder_like_frames(3) < pages_per_frame
         block = torch.empty(256 * MIB, dtype=torch.uint8).fill_(1)
         del block
         held = _rss()
@@ -46,23 +54,23 @@ def test_freed_activations_are_reused_inside_the_scope_and_given_back_after():
 
 
 def test_the_heap_is_kept_until_the_last_scope_of_any_thread_ends():
-    inner_done, outer_may_end = threading.Event(), threading.Event()
-    inside = {}
+    entered, may_end = threading.Event(), threading.Event()
 
     def other_propagation():
         with heap.retained_heap():
-            outer_may_end.wait(30)
+            entered.set()
+            may_end.wait(30)
 
     t = threading.Thread(target=other_propagation)
     with heap.retained_heap():
         t.start()
+        assert entered.wait(30)
     try:
-        # this thread's scope ended while the other runs: freed memory is still kept for it
+        # this thread's scope ended while the other's runs: freed memory is still kept for it
         block = torch.empty(256 * MIB, dtype=torch.uint8).fill_(1)
         del block
-        inside["rss"] = _rss()
-        inner_done.set()
+        held = _rss()
     finally:
-        outer_may_end.set()
+        may_end.set()
         t.join(30)
-    assert _rss() < inside["rss"] - 128 * MIB
+    assert _rss() < held - 128 * MIB

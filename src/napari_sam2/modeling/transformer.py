@@ -68,8 +68,12 @@ class RoPEAttention(Attention):
         to one, so P (V_in W^T + b) = (P V_in) W^T + b, and with memory attention's 64-wide memories under
         a 256-wide head the product with the probabilities (one of attention's two big products) does a
         quarter of the work. Only on the bf16 matrix-product path (the rounding moves; fp32 keeps the
-        reference's order, and torch's kernels want one width for keys and values)."""
-        return self.num_heads == 1 and self.v_proj.in_features < self.internal_dim and uses_matmul_path(q, k, v)
+        reference's order, and torch's kernels want one width for keys and values; in training mode a
+        dropped probability leaves rows that no longer sum to one)."""
+        return (
+            self.num_heads == 1 and self.v_proj.in_features < self.internal_dim and not self.training
+            and uses_matmul_path(q, k, v)
+        )
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_k_exclude_rope: int = 0) -> torch.Tensor:
         late_values = self._projects_values_late(q, k, v)
