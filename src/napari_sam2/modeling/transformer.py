@@ -79,7 +79,7 @@ class RoPEAttention(Attention):
         late_values = self._projects_values_late(q, k, v)
         q = self._heads(self.q_proj(q))
         k = self._heads(self.k_proj(k))
-        v = v.unsqueeze(1) if late_values else self._heads(self.v_proj(v))  # B x 1 x Lk x kv_in_dim
+        v = self._heads(v if late_values else self.v_proj(v))  # late: B x 1 x Lk x kv_in_dim
         n = q.shape[-2]
         if self._freqs.shape[0] != n or self._freqs.device != q.device:
             side = int(round(n**0.5))

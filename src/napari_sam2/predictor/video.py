@@ -604,7 +604,7 @@ class VideoPredictor:
         with retained_heap():
             self._preflight(state)
             order = self._order(state, start_frame_idx, max_frame_num_to_track, reverse)
-            yield from self._propagate(state, list(state.objects.values()), order, reverse)
+            yield from self._propagate(state, order, reverse)
 
     def _order(self, state: VideoState, start: int | None, max_frames: int | None, reverse: bool) -> list[int]:
         """The frames a pass visits, in order (the official API's defaults: from the first prompted frame
@@ -621,8 +621,9 @@ class VideoPredictor:
             return list(range(start, end - 1, -1)) if start > 0 else []
         return list(range(start, min(start + max_frames, n - 1) + 1))
 
-    def _propagate(self, state: VideoState, objs: list[ObjectTrack], order: list[int], reverse: bool):
+    def _propagate(self, state: VideoState, order: list[int], reverse: bool):
         n = state.num_frames
+        objs = list(state.objects.values())
         settings = self._step_settings(n)
         for i, t in enumerate(order):
             if i + 1 < len(order):
