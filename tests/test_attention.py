@@ -72,7 +72,7 @@ def _path_taken(monkeypatch, q, k, v, **kw):
 )
 def test_bf16_inference_takes_the_matmul_path_only_with_avx512_bf16_and_no_amx(features, expected, monkeypatch):
     monkeypatch.setattr("napari_sam2.precision.cpu_bf16_features", lambda: features)
-    attention_mod._matmul_path_pays.cache_clear()
+    attention_mod.bf16_products_spelled_out.cache_clear()
     try:
         q, k, v = _qkv("global", torch.bfloat16)
         with torch.inference_mode():
@@ -81,11 +81,11 @@ def test_bf16_inference_takes_the_matmul_path_only_with_avx512_bf16_and_no_amx(f
             # empty queries or keys: torch's kernel, whatever the CPU
             assert _path_taken(monkeypatch, q[..., :0, :], k, v)[0] == "torch"
     finally:
-        attention_mod._matmul_path_pays.cache_clear()
+        attention_mod.bf16_products_spelled_out.cache_clear()
 
 
 def test_fp32_training_and_dropout_always_take_torchs_kernel(monkeypatch):
-    monkeypatch.setattr(attention_mod, "_matmul_path_pays", lambda: True)
+    monkeypatch.setattr(attention_mod, "bf16_products_spelled_out", lambda: True)
     q, k, v = _qkv("global")
     with torch.inference_mode():
         path, out = _path_taken(monkeypatch, q, k, v)
@@ -133,16 +133,17 @@ def test_memory_cross_attention_projects_the_attended_memories_on_the_bf16_matmu
         monkeypatch.undo()
 
         # the path itself: bf16 inference on a CPU where the matmul attention pays, and nowhere else
-        monkeypatch.setattr(attention_mod, "_matmul_path_pays", lambda: True)
+        monkeypatch.setattr(attention_mod, "bf16_products_spelled_out", lambda: True)
         seen = []
-        real_linear = torch.nn.functional.linear
-        monkeypatch.setattr(torch.nn.functional, "linear",
-                            lambda inp, w, b=None: seen.append(tuple(inp.shape)) or real_linear(inp, w, b))
+        hooks = [getattr(layer, name).register_forward_pre_hook(lambda m, a, name=name: seen.append((name, tuple(a[0].shape))))
+                 for name in ("k_proj", "v_proj")]
         layer.bfloat16()
         xb, kb, mb = x.bfloat16(), keys.bfloat16(), memory.bfloat16()
         late_bf16 = layer(xb, kb, mb, num_k_exclude_rope=4).float()
+        for hook in hooks:
+            hook.remove()
         # the value projection read the attended memories (2 objects x 16 queries), not the 52 memory tokens
-        assert [s for s in seen if s[-1] == 64] == [(2, 52, 64), (2, 1, 16, 64)]  # keys, attended memories
+        assert seen == [("k_proj", (2, 52, 64)), ("v_proj", (2, 1, 16, 64))]
         monkeypatch.setattr(transformer.RoPEAttention, "_projects_values_late", lambda self, q, k, v: False)
         early_bf16 = layer(xb, kb, mb, num_k_exclude_rope=4).float()
     scale = exact.abs().max()
@@ -152,7 +153,7 @@ def test_memory_cross_attention_projects_the_attended_memories_on_the_bf16_matmu
 
 
 def test_fp32_and_training_keep_the_reference_order_of_the_value_projection(monkeypatch):
-    monkeypatch.setattr(attention_mod, "_matmul_path_pays", lambda: True)
+    monkeypatch.setattr(attention_mod, "bf16_products_spelled_out", lambda: True)
     layer, x, keys, memory = _memory_cross_attention()
     calls = []
     real = layer.v_proj.forward

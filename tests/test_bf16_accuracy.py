@@ -32,7 +32,7 @@ def test_bf16_session_agrees_with_the_fp32_reference(attention_path, reference_c
     the two matrix products of CPUs with AVX-512 BF16 but no AMX (scores rounded to bf16)."""
     from reference import build_reference, init_state_from_images, save_official_checkpoint
 
-    monkeypatch.setattr(attention_mod, "_matmul_path_pays", lambda: attention_path == "matmul")
+    monkeypatch.setattr(attention_mod, "bf16_products_spelled_out", lambda: attention_path == "matmul")
 
     ref = build_reference(NAME, seed=0, image_size=SIZE)
     ckpt = save_official_checkpoint(ref, reference_ckpt_dir / f"bf16_{SIZE}.pt")

@@ -8,6 +8,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .linear import Linear
+
 
 class MLP(nn.Module):
     """A stack of ``num_layers`` linear layers with an activation between them.
@@ -28,7 +30,7 @@ class MLP(nn.Module):
         super().__init__()
         dims_in = [input_dim] + [hidden_dim] * (num_layers - 1)
         dims_out = [hidden_dim] * (num_layers - 1) + [output_dim]
-        self.layers = nn.ModuleList(nn.Linear(i, o) for i, o in zip(dims_in, dims_out))
+        self.layers = nn.ModuleList(Linear(i, o) for i, o in zip(dims_in, dims_out))
         self.act = activation()
         self.sigmoid_output = sigmoid_output
 
@@ -51,6 +53,12 @@ class LayerNorm2d(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.bfloat16 and not torch.is_grad_enabled():
+            # bf16 inference (the memory encoder): torch's layer norm over the channels of a channels-last
+            # view, accumulating in fp32, instead of nine passes each rounded to bf16; the result keeps
+            # channels-last strides, which the next convolution reads without reordering
+            y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps)
+            return y.permute(0, 3, 1, 2)  # B x C x H x W, channels-last strides
         mean = x.mean(1, keepdim=True)
         var = (x - mean).pow(2).mean(1, keepdim=True)
         x = (x - mean) * torch.rsqrt(var + self.eps)

@@ -8,6 +8,7 @@ from torch import nn
 
 from .attention import attention, uses_matmul_path
 from .common import MLP
+from .linear import Linear
 from .position_encoding import apply_rope, axial_rope_angles
 
 
@@ -20,10 +21,10 @@ class Attention(nn.Module):
         self.num_heads = num_heads
         assert self.internal_dim % num_heads == 0, "num_heads must divide embedding_dim"
         kv_in_dim = kv_in_dim or embedding_dim
-        self.q_proj = nn.Linear(embedding_dim, self.internal_dim)
-        self.k_proj = nn.Linear(kv_in_dim, self.internal_dim)
-        self.v_proj = nn.Linear(kv_in_dim, self.internal_dim)
-        self.out_proj = nn.Linear(self.internal_dim, embedding_dim)
+        self.q_proj = Linear(embedding_dim, self.internal_dim)
+        self.k_proj = Linear(kv_in_dim, self.internal_dim)
+        self.v_proj = Linear(kv_in_dim, self.internal_dim)
+        self.out_proj = Linear(self.internal_dim, embedding_dim)
 
     def _heads(self, x: torch.Tensor) -> torch.Tensor:
         b, n, c = x.shape

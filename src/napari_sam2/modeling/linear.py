@@ -1,0 +1,38 @@
+"""``nn.Linear`` whose bf16 inference on a CPU adds the bias inside oneDNN's matrix product.
+
+torch's CPU ``addmm`` first copies the bias into every row of the output and then accumulates the
+product onto it: one more pass over outputs of up to 72 MiB (Hiera's first stage: 65536 tokens x 576).
+oneDNN's fused bias gives the same bits (``tests/test_bf16_kernels.py``; measured equal on every shape of the
+image encoder, memory attention and memory encoder) in 3-30 % less time on 2 cores with AVX-512 BF16
+(65536 x 96 -> 384: 20.8 ms -> 14.6 ms; 16384 x 256 -> 2048: 58.9 ms -> 51.0 ms). Only on the CPUs
+where that was measured (those of the bf16 matrix-product attention), only without a graph being built,
+and only for contiguous inputs (a strided input takes another path in torch, with other bits): fp32
+and training stay torch's own ``F.linear``.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from . import attention
+
+
+def fuses_bias(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
+    """Whether :class:`Linear` computes ``x W^T + b`` with oneDNN's fused bias."""
+    return (
+        bias is not None and x.dtype == weight.dtype == bias.dtype == torch.bfloat16 and x.device.type == "cpu"
+        and not torch.is_grad_enabled() and x.is_contiguous() and x.numel() > 0
+        and not torch.compiler.is_compiling() and torch.backends.mkldnn.is_available()
+        and attention.bf16_products_spelled_out()
+    )
+
+
+class Linear(nn.Linear):
+    """``nn.Linear`` (same parameters, state-dict keys and LoRA adaptation) with the fused bias above."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if fuses_bias(x, self.weight, self.bias):
+            return torch.ops.mkldnn._linear_pointwise(x, self.weight, self.bias, "none", [], "")
+        return F.linear(x, self.weight, self.bias)

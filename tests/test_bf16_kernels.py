@@ -1,0 +1,116 @@
+"""bf16 inference kernels: the linear layers' fused bias (the same bits as torch's ``F.linear``, only where
+it is meant to run) and the memory encoder's channel layer norm (closer to fp32 than nine bf16 passes)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from napari_sam2.modeling import attention as attention_mod
+from napari_sam2.modeling import linear as linear_mod
+from napari_sam2.modeling.common import LayerNorm2d
+from napari_sam2.modeling.linear import Linear, fuses_bias
+
+needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
+
+# (input shape, in, out): Hiera's first stage and a window batch, memory attention's feed-forward
+# layer and the memory encoder's pointwise convolution
+SHAPES = [((1, 64, 64, 96), 96, 576), ((256, 8, 8, 96), 96, 384), ((2, 1024, 256), 256, 2048), ((2, 16, 16, 256), 256, 1024)]
+
+
+@pytest.fixture
+def spelled_out(monkeypatch):
+    """Pretend this CPU is one where bf16 products are spelled out (AVX-512 BF16 without AMX)."""
+    monkeypatch.setattr(attention_mod, "bf16_products_spelled_out", lambda: True)
+
+
+def _layer(n_in: int, n_out: int, dtype=torch.bfloat16) -> Linear:
+    torch.manual_seed(n_in * 7 + n_out)
+    layer = Linear(n_in, n_out).to(dtype)
+    with torch.no_grad():
+        layer.bias.normal_()  # a zero-initialised bias would hide a bias added twice or never
+    return layer
+
+
+@needs_onednn
+@pytest.mark.parametrize("shape, n_in, n_out", SHAPES)
+def test_fused_bias_gives_torchs_bits(shape, n_in, n_out, spelled_out, monkeypatch):
+    layer = _layer(n_in, n_out)
+    x = torch.randn(shape).bfloat16()
+    calls = []
+    real = linear_mod.fuses_bias
+    monkeypatch.setattr(linear_mod, "fuses_bias", lambda *a: calls.append(real(*a)) or calls[-1])
+    with torch.inference_mode():
+        out = layer(x)
+    assert calls == [True]
+    assert out.shape == (*shape[:-1], n_out) and out.dtype == torch.bfloat16
+    assert torch.equal(out, F.linear(x, layer.weight, layer.bias))
+
+
+def test_fp32_training_strided_and_biasless_layers_keep_torchs_linear(spelled_out):
+    layer = _layer(96, 192)
+    x = torch.randn(4, 16, 96).bfloat16()
+    with torch.inference_mode():
+        assert fuses_bias(x, layer.weight, layer.bias) == torch.backends.mkldnn.is_available()
+        assert not fuses_bias(x.transpose(0, 1), layer.weight, layer.bias)  # strided: other bits in torch
+        assert not fuses_bias(x, layer.weight, None)
+        assert not fuses_bias(x[:0], layer.weight, layer.bias)
+        fp32 = _layer(96, 192, torch.float32)
+        assert not fuses_bias(x.float(), fp32.weight, fp32.bias)  # fp32 stays the reference's arithmetic
+    # a training step builds a graph through torch's linear: gradients reach the weights
+    xg = x.clone().requires_grad_()
+    assert not fuses_bias(xg, layer.weight, layer.bias)
+    layer(xg).float().sum().backward()
+    assert layer.weight.grad is not None and xg.grad is not None
+
+
+def test_other_cpus_keep_torchs_linear(monkeypatch):
+    monkeypatch.setattr(attention_mod, "bf16_products_spelled_out", lambda: False)
+    layer = _layer(96, 192)
+    with torch.inference_mode():
+        assert not fuses_bias(torch.randn(4, 96).bfloat16(), layer.weight, layer.bias)
+
+
+def _formula(norm: LayerNorm2d, x: torch.Tensor) -> torch.Tensor:
+    """The reference's channel layer norm, written out."""
+    mean = x.mean(1, keepdim=True)
+    var = (x - mean).pow(2).mean(1, keepdim=True)
+    return (x - mean) * torch.rsqrt(var + norm.eps) * norm.weight[:, None, None] + norm.bias[:, None, None]
+
+
+def _norm_and_input(channels: int = 64):
+    torch.manual_seed(channels)
+    norm = LayerNorm2d(channels)
+    with torch.no_grad():
+        norm.weight.normal_(1.0, 0.3)
+        norm.bias.normal_(0.0, 0.3)
+    return norm, torch.randn(2, channels, 32, 48) * 3 + 1  # an offset: the mean matters
+
+
+def test_bf16_inference_layer_norm_2d_is_closer_to_fp32_and_channels_last():
+    norm, x = _norm_and_input()
+    with torch.inference_mode():
+        exact = norm(x)
+        xb, nb = x.bfloat16(), LayerNorm2d(64).bfloat16()
+        nb.load_state_dict(norm.state_dict())
+        out = nb(xb)
+        nine_passes = _formula(nb, xb)
+    assert out.shape == x.shape and out.dtype == torch.bfloat16
+    assert out.is_contiguous(memory_format=torch.channels_last)  # what the next convolution reads as is
+    err, old_err = (out.float() - exact).abs(), (nine_passes.float() - exact).abs()
+    assert err.max() <= 2 ** -7 * exact.abs().max()  # one bf16 rounding of the output, about
+    assert err.mean() < old_err.mean()
+
+
+def test_fp32_and_training_layer_norm_2d_keep_the_reference_formula():
+    norm, x = _norm_and_input()
+    with torch.inference_mode():
+        assert torch.equal(norm(x), _formula(norm, x))  # fp32: the reference's bits (parity tests)
+    nb = LayerNorm2d(64).bfloat16()
+    nb.load_state_dict(norm.state_dict())
+    xb = x.bfloat16().requires_grad_()
+    out = nb(xb)  # a graph is built: the formula, whatever the dtype
+    assert torch.equal(out.detach(), _formula(nb, xb).detach())
+    out.float().sum().backward()
+    assert xb.grad is not None and nb.weight.grad is not None
