@@ -101,6 +101,11 @@ def test_bf16_inference_layer_norm_2d_is_closer_to_fp32_and_channels_last():
     err, old_err = (out.float() - exact).abs(), (nine_passes.float() - exact).abs()
     assert err.max() <= 2 ** -7 * exact.abs().max()  # one bf16 rounding of the output, about
     assert err.mean() < old_err.mean()
+    # the mask downsampler's first, 4-channel norm: the formula is the faster one there
+    few = LayerNorm2d(4).bfloat16()
+    xs = xb[:, :4]
+    with torch.inference_mode():
+        assert torch.equal(few(xs), _formula(few, xs))
 
 
 def test_fp32_and_training_layer_norm_2d_keep_the_reference_formula():

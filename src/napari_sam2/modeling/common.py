@@ -43,6 +43,11 @@ class MLP(nn.Module):
         return torch.sigmoid(x) if self.sigmoid_output else x
 
 
+# below this many channels torch's layer norm is the slower one: 4 x 4 x 512^2 in bf16 took 37 ms against the
+# formula's 9 ms (16 channels: 11 ms against 25 ms; 2 cores)
+FUSED_NORM_MIN_CHANNELS = 16
+
+
 class LayerNorm2d(nn.Module):
     """LayerNorm over the channel axis of a B x C x H x W tensor."""
 
@@ -53,7 +58,7 @@ class LayerNorm2d(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.dtype == torch.bfloat16 and not torch.is_grad_enabled():
+        if x.dtype == torch.bfloat16 and not torch.is_grad_enabled() and x.shape[1] >= FUSED_NORM_MIN_CHANNELS:
             # bf16 inference (the memory encoder): torch's layer norm over the channels of a channels-last
             # view, accumulating in fp32, instead of nine passes each rounded to bf16; the result keeps
             # channels-last strides, which the next convolution reads without reordering
