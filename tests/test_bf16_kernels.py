@@ -72,6 +72,12 @@ def test_other_cpus_keep_torchs_linear(monkeypatch):
         assert not fuses_bias(torch.randn(4, 96).bfloat16(), layer.weight, layer.bias)
 
 
+def test_onednn_switched_off_keeps_torchs_linear(spelled_out):
+    layer = _layer(96, 192)
+    with torch.inference_mode(), torch.backends.mkldnn.flags(enabled=False):
+        assert not fuses_bias(torch.randn(4, 96).bfloat16(), layer.weight, layer.bias)
+
+
 def _formula(norm: LayerNorm2d, x: torch.Tensor) -> torch.Tensor:
     """The reference's channel layer norm, written out."""
     mean = x.mean(1, keepdim=True)
@@ -119,3 +125,7 @@ def test_fp32_and_training_layer_norm_2d_keep_the_reference_formula():
     assert torch.equal(out.detach(), _formula(nb, xb).detach())
     out.float().sum().backward()
     assert xb.grad is not None and nb.weight.grad is not None
+    # bf16 input into fp32 weights (as under autocast): the formula, which promotes to fp32
+    with torch.inference_mode():
+        mixed = norm(x.bfloat16())
+    assert mixed.dtype == torch.float32 and torch.equal(mixed, _formula(norm, x.bfloat16()))
