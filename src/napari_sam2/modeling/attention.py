@@ -36,13 +36,19 @@ def bf16_products_spelled_out() -> bool:
     return "avx512_bf16" in features and "amx_bf16" not in features
 
 
+def spelled_out_bf16_inference(*tensors: torch.Tensor) -> bool:
+    """bf16 ``tensors`` on such a CPU with no graph being built: where bf16 products are spelled out
+    (this attention, and the linear layers' fused bias in ``linear.py``)."""
+    return (
+        all(t.dtype == torch.bfloat16 for t in tensors) and tensors[0].device.type == "cpu"
+        and not torch.is_grad_enabled() and bf16_products_spelled_out()
+    )
+
+
 def uses_matmul_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
     """Whether :func:`attention` spells the attention out: bf16 queries, keys and values on such a CPU,
     with no graph being built (a training step's attention always takes torch's kernel)."""
-    return (
-        q.dtype == k.dtype == v.dtype == torch.bfloat16 and q.device.type == "cpu"
-        and not torch.is_grad_enabled() and bf16_products_spelled_out()
-    )
+    return spelled_out_bf16_inference(q, k, v)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:

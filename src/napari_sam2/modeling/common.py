@@ -60,9 +60,10 @@ class LayerNorm2d(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (x.dtype == self.weight.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.is_grad_enabled()
                 and x.shape[1] >= FUSED_NORM_MIN_CHANNELS):
-            # bf16 inference on a CPU (the memory encoder; measured there only): torch's layer norm over the channels of a channels-last
-            # view, accumulating in fp32, instead of nine passes each rounded to bf16; the result keeps
-            # channels-last strides, which the next convolution reads without reordering
+            # bf16 inference on a CPU (the memory encoder; measured there only): torch's layer norm over
+            # the channels of a channels-last view, accumulating in fp32, instead of nine passes each
+            # rounded to bf16; the result keeps channels-last strides, which the next convolution reads
+            # without reordering
             y = F.layer_norm(x.permute(0, 2, 3, 1), (x.shape[1],), self.weight, self.bias, self.eps)
             return y.permute(0, 3, 1, 2)  # B x C x H x W, channels-last strides
         mean = x.mean(1, keepdim=True)

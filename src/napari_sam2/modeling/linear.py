@@ -22,10 +22,9 @@ from . import attention
 def fuses_bias(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None) -> bool:
     """Whether :class:`Linear` computes ``x W^T + b`` with oneDNN's fused bias."""
     return (
-        bias is not None and x.dtype == weight.dtype == bias.dtype == torch.bfloat16 and x.device.type == "cpu"
-        and not torch.is_grad_enabled() and x.is_contiguous() and x.numel() > 0
-        and not torch.compiler.is_compiling() and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
-        and attention.bf16_products_spelled_out()
+        bias is not None and attention.spelled_out_bf16_inference(x, weight, bias) and x.is_contiguous()
+        and x.numel() > 0 and not torch.compiler.is_compiling()
+        and torch.backends.mkldnn.is_available() and torch.backends.mkldnn.enabled
     )
 
 
