@@ -1,5 +1,6 @@
 """bf16 inference kernels: the linear layers' fused bias (the same bits as torch's ``F.linear``, only where
-it is meant to run) and the memory encoder's channel layer norm (closer to fp32 than nine bf16 passes)."""
+it is meant to run), the memory encoder's channel layer norm (closer to fp32 than nine bf16 passes), the
+decoder's pointwise projections in bf16, the image encoder's contiguous first stage and RoPE written in place."""
 
 from __future__ import annotations
 
@@ -10,7 +11,8 @@ import torch.nn.functional as F
 from napari_sam2.modeling import attention as attention_mod
 from napari_sam2.modeling import linear as linear_mod
 from napari_sam2.modeling.common import LayerNorm2d
-from napari_sam2.modeling.linear import Linear, fuses_bias
+from napari_sam2.modeling.linear import Linear, fuses_bias, pointwise_conv
+from napari_sam2.modeling.position_encoding import apply_rope, axial_rope_angles
 
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
 
@@ -129,3 +131,73 @@ def test_fp32_and_training_layer_norm_2d_keep_the_reference_formula():
     with torch.inference_mode():
         mixed = norm(x.bfloat16())
     assert mixed.dtype == torch.float32 and torch.equal(mixed, _formula(norm, x.bfloat16()))
+
+
+def _conv(c_in: int, c_out: int) -> torch.nn.Conv2d:
+    torch.manual_seed(c_in + c_out)
+    conv = torch.nn.Conv2d(c_in, c_out, kernel_size=1)
+    with torch.no_grad():
+        conv.bias.normal_()
+    return conv
+
+
+def test_pointwise_conv_in_bf16_inference_matches_the_fp32_convolution():
+    conv = _conv(256, 32)  # the decoder's projection of the stride-4 level: fp32 weights in a bf16 model
+    x = torch.randn(2, 16, 24, 256).permute(0, 3, 1, 2)  # B x C x H x W with channels-last strides, as Hiera's
+    with torch.inference_mode():
+        exact = conv(x)
+        out = pointwise_conv(x.bfloat16(), conv)
+    assert out.dtype == torch.bfloat16 and out.shape == exact.shape
+    assert out.is_contiguous(memory_format=torch.channels_last)
+    err = (out.float() - exact).abs()
+    assert err.max() <= 2 ** -6 * exact.abs().max() and err.mean() <= 2 ** -8 * exact.abs().mean()
+    # a map in torch's own layout is read as well (a copy first)
+    with torch.inference_mode():
+        plain = pointwise_conv(x.bfloat16().contiguous(), conv)
+    assert torch.allclose(plain.float(), out.float(), atol=2 ** -6 * exact.abs().max().item())
+
+
+def test_pointwise_conv_keeps_the_convolution_in_fp32_and_training():
+    conv = _conv(64, 16)
+    x = torch.randn(1, 64, 8, 8)
+    with torch.inference_mode():
+        assert torch.equal(pointwise_conv(x, conv), conv(x))  # fp32: the reference's bits
+        # a bf16 map into the fp32 convolution outside bf16 inference is cast up, as before
+    xb = x.bfloat16().requires_grad_()
+    out = pointwise_conv(xb, conv)  # a graph is built (fine-tuning the decoder): the convolution itself
+    assert out.dtype == torch.float32 and torch.equal(out.detach(), conv(x.bfloat16().float()).detach())
+    out.sum().backward()
+    assert conv.weight.grad is not None and xb.grad is not None
+
+
+def test_bf16_image_encoder_first_stage_runs_on_contiguous_tokens():
+    from napari_sam2.modeling.configs import get_config
+    from napari_sam2.modeling.hiera import Hiera
+
+    trunk = Hiera(get_config("sam2.1_hiera_tiny").trunk).eval()
+    seen = []
+    trunk.blocks[0].register_forward_pre_hook(lambda _m, args: seen.append(args[0].is_contiguous()))
+    x = torch.randn(1, 3, 256, 256)
+    with torch.inference_mode():
+        fp32 = trunk(x)
+        trunk.bfloat16()
+        bf16 = trunk(x.bfloat16())
+    # fp32 keeps the reference's layout (strided tokens); bf16 inference gets contiguous ones (no copies)
+    assert seen == [False, True]
+    for a, b in zip(fp32, bf16):
+        assert (b.float() - a).abs().mean() <= 0.02 * a.abs().mean()
+
+
+def test_rope_written_into_its_destination_equals_the_rotated_copy():
+    angles = axial_rope_angles(32, 4, 4)
+    freqs = torch.polar(torch.ones_like(angles), angles)  # 16 positions x 16 pairs
+    for dtype in (torch.float32, torch.bfloat16):
+        k = torch.randn(2, 1, 3 * 16 + 4, 32).to(dtype)  # three frames of a 4 x 4 grid + 4 pointer tokens
+        expected = apply_rope(k[:, :, :48], freqs)
+        pointers = k[:, :, 48:].clone()
+        apply_rope(k[:, :, :48], freqs, out=k[:, :, :48])
+        assert torch.equal(k[:, :, :48], expected) and torch.equal(k[:, :, 48:], pointers)
+    x = torch.randn(1, 16, 32)
+    before = x.clone()
+    apply_rope(x, freqs)
+    assert torch.equal(x, before)  # without out=, the input is left as it was (fp32: no in-place rotation)

@@ -36,13 +36,18 @@ def bf16_products_spelled_out() -> bool:
     return "avx512_bf16" in features and "amx_bf16" not in features
 
 
-def spelled_out_bf16_inference(*tensors: torch.Tensor) -> bool:
-    """bf16 ``tensors`` on such a CPU with no graph being built: where bf16 products are spelled out
-    (this attention, and the linear layers' fused bias in ``linear.py``)."""
+def bf16_cpu_inference(*tensors: torch.Tensor) -> bool:
+    """bf16 ``tensors`` on a CPU with no graph being built (inference, or a frozen part in fine-tuning)."""
     return (
         all(t.dtype == torch.bfloat16 for t in tensors) and tensors[0].device.type == "cpu"
-        and not torch.is_grad_enabled() and bf16_products_spelled_out()
+        and not torch.is_grad_enabled()
     )
+
+
+def spelled_out_bf16_inference(*tensors: torch.Tensor) -> bool:
+    """:func:`bf16_cpu_inference` on such a CPU: where bf16 products are spelled out (this attention,
+    and the linear layers' fused bias in ``linear.py``)."""
+    return bf16_cpu_inference(*tensors) and bf16_products_spelled_out()
 
 
 def uses_matmul_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:

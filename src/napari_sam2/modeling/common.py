@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .attention import bf16_cpu_inference
 from .linear import Linear
 
 
@@ -58,8 +59,7 @@ class LayerNorm2d(nn.Module):
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if (x.dtype == self.weight.dtype == torch.bfloat16 and x.device.type == "cpu" and not torch.is_grad_enabled()
-                and x.shape[1] >= FUSED_NORM_MIN_CHANNELS):
+        if bf16_cpu_inference(x, self.weight) and x.shape[1] >= FUSED_NORM_MIN_CHANNELS:
             # bf16 inference on a CPU (the memory encoder; measured there only): torch's layer norm over
             # the channels of a channels-last view, accumulating in fp32, instead of nine passes each
             # rounded to bf16; the result keeps channels-last strides, which the next convolution reads

@@ -110,13 +110,23 @@ def axial_rope_angles(dim: int, end_x: int, end_y: int, theta: float = 10000.0) 
     return torch.cat([torch.outer(tx, freqs), torch.outer(ty, freqs)], dim=-1)
 
 
-def apply_rope(x: torch.Tensor, freqs: torch.Tensor) -> torch.Tensor:
-    """Rotate consecutive channel pairs of ``x`` (... x N x D) by unit complex numbers ``freqs`` (N x D/2).
+def apply_rope(x: torch.Tensor, freqs: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """Rotate consecutive channel pairs of ``x`` (... x N x D) by unit complex numbers ``freqs`` (N x D/2),
+    into ``out`` (of ``x``'s shape; it may be ``x`` itself) or a new tensor of ``x``'s dtype.
 
     ``x`` may hold a whole number of repeats of the N positions along its token axis (the memory
     bank's frames share one grid of positions).
     """
     n, half = freqs.shape
-    xc = torch.view_as_complex(x.float().reshape(*x.shape[:-2], -1, n, half, 2))  # ... x reps x N x D/2
+    xf = x.float()
+    xc = torch.view_as_complex(xf.reshape(*x.shape[:-2], -1, n, half, 2))  # ... x reps x N x D/2
     # broadcast over the repeats rather than repeating freqs: MPS has no complex repeat
-    return torch.view_as_real(xc * freqs).reshape(x.shape).type_as(x)
+    if xf is x:
+        rotated = xc * freqs
+    else:
+        # a bf16 x: the fp32 copy is this call's own, rotated where it lies (no second 50 MiB block of
+        # memory attention's keys to allocate and fault in)
+        rotated = xc.mul_(freqs)
+    rotated = torch.view_as_real(rotated).reshape(x.shape)
+    # straight into the destination's dtype: one pass fewer than casting and then copying
+    return rotated.type_as(x) if out is None else out.copy_(rotated)

@@ -23,6 +23,7 @@ from torch import nn
 from .common import MLP, resize_masks
 from .configs import SAM2Config
 from .image_encoder import ImageEncoder
+from .linear import pointwise_conv
 from .mask_decoder import MaskDecoder
 from .memory_attention import MemoryAttention
 from .memory_encoder import MemoryEncoder
@@ -144,9 +145,8 @@ class SAM2(nn.Module):
         """The image encoder's output (not changed) with its two high-resolution levels projected by the
         decoder's convolutions (part of the decoder: they learn while a frozen encoder's output stays)."""
         fpn = list(encoder_out["backbone_fpn"])
-        heads = self._heads_dtype()
-        fpn[0] = self.sam_mask_decoder.conv_s0(fpn[0].to(heads))
-        fpn[1] = self.sam_mask_decoder.conv_s1(fpn[1].to(heads))
+        fpn[0] = pointwise_conv(fpn[0], self.sam_mask_decoder.conv_s0)
+        fpn[1] = pointwise_conv(fpn[1], self.sam_mask_decoder.conv_s1)
         return {**encoder_out, "backbone_fpn": fpn}
 
     def frame_features(self, backbone_out: dict) -> FrameFeatures:

@@ -93,7 +93,7 @@ class RoPEAttention(Attention):
         n_rope = k.shape[-2] - num_k_exclude_rope
         if n_rope > 0:
             # k is this call's own projection: rotate its spatial tokens in place, pointers stay as they are
-            k[:, :, :n_rope] = apply_rope(k[:, :, :n_rope], self._freqs)
+            apply_rope(k[:, :, :n_rope], self._freqs, out=k[:, :, :n_rope])
         dropout_p = self.dropout_p if self.training else 0.0
         out = attention(q, k, v, dropout_p=dropout_p)
         if late_values:
