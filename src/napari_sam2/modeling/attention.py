@@ -46,20 +46,15 @@ def bf16_cpu_inference(*tensors: torch.Tensor) -> bool:
 
 def spelled_out_bf16_inference(*tensors: torch.Tensor) -> bool:
     """:func:`bf16_cpu_inference` on such a CPU: where bf16 products are spelled out (this attention,
-    and the linear layers' fused bias in ``linear.py``)."""
+    memory attention's late value projection and the linear layers' fused bias in ``linear.py``); a
+    training step's attention always takes torch's kernel."""
     return bf16_cpu_inference(*tensors) and bf16_products_spelled_out()
-
-
-def uses_matmul_path(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> bool:
-    """Whether :func:`attention` spells the attention out: bf16 queries, keys and values on such a CPU,
-    with no graph being built (a training step's attention always takes torch's kernel)."""
-    return spelled_out_bf16_inference(q, k, v)
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, dropout_p: float = 0.0) -> torch.Tensor:
     """softmax(q k^T / sqrt(d)) v for ... x Lq x d queries, ... x Lk x d keys, ... x Lk x dv values
     (leading dimensions broadcast, as in ``F.scaled_dot_product_attention``)."""
-    if dropout_p == 0.0 and uses_matmul_path(q, k, v) and q.numel() and k.numel() and v.numel():
+    if dropout_p == 0.0 and spelled_out_bf16_inference(q, k, v) and q.numel() and k.numel() and v.numel():
         return matmul_attention(q, k, v)
     return F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p)
 

@@ -6,7 +6,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from .attention import attention, uses_matmul_path
+from .attention import attention, spelled_out_bf16_inference
 from .common import MLP
 from .linear import Linear
 from .position_encoding import apply_rope, axial_rope_angles
@@ -73,7 +73,7 @@ class RoPEAttention(Attention):
         dropped probability leaves rows that no longer sum to one)."""
         return (
             self.num_heads == 1 and self.v_proj.in_features < self.internal_dim and not self.training
-            and uses_matmul_path(q, k, v)
+            and spelled_out_bf16_inference(q, k, v)
         )
 
     def forward(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, num_k_exclude_rope: int = 0) -> torch.Tensor:
