@@ -79,6 +79,17 @@ def interleaved(fn_ours, fn_ref, repeats: int, device):
     return statistics.median(t_o), statistics.median(t_r), out_o, out_r, t_o, t_r
 
 
+def product_ceiling(dtype: torch.dtype, repeats: int, device):
+    """(ours, reference) seconds of one matrix product of the shape that dominates the image encoder
+    (Hiera's stage-3 MLP, 4096 tokens x 384 -> 1536), in ``dtype`` and in fp32: what computing in
+    ``dtype`` gains on this hardware where the work is all products (about 3/4 of a frame's time in bf16
+    on a CPU; the rest, softmax and passes over memory, gains less, the reference's fp32 overheads more)."""
+    g = torch.Generator().manual_seed(0)
+    a, b = (torch.randn(*shape, generator=g).to(device) for shape in ((4096, 384), (384, 1536)))
+    a_o, b_o = a.to(dtype), b.to(dtype)
+    return interleaved(lambda: a_o @ b_o, lambda: a @ b, max(repeats, 21), device)[:2]
+
+
 def max_diff(pairs) -> float:
     return max((a.detach().float().cpu() - b.detach().float().cpu()).abs().max().item() for a, b in pairs)
 
@@ -152,6 +163,7 @@ def main(argv=None) -> int:
         step_diff = max_diff([(sr[k], so[k]) for k in
                               ("pred_masks", "pred_masks_high_res", "obj_ptr", "object_score_logits",
                                "maskmem_features")])
+        prod_o, prod_r = product_ceiling(ours.compute_dtype, args.repeats, device)
     load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
     threads = torch.get_num_threads()
@@ -171,6 +183,10 @@ def main(argv=None) -> int:
     print(f"{'seconds per frame':<{w}}  {'ours':>8}  {'reference':>9}  {'ours/ref':>8}  {'max|diff|':>9}")
     for label, o, r, d in rows:
         print(f"{label:<{w}}  {o:8.3f}  {r:9.3f}  {o / r:8.2f}  {d:9.1e}")
+    flops = 2 * 4096 * 384 * 1536
+    print(f"matrix product alone (4096 x 384 x 1536): ours {ours.precision} {flops / prod_o / 1e9:.0f} GFLOP/s, "
+          f"fp32 {flops / prod_r / 1e9:.0f} GFLOP/s, {prod_r / prod_o:.2f}x (what {ours.precision} gains "
+          f"on this hardware where the work is all products)")
     return 0
 
 
