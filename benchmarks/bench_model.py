@@ -79,11 +79,11 @@ def interleaved(fn_ours, fn_ref, repeats: int, device):
     return statistics.median(t_o), statistics.median(t_r), out_o, out_r, t_o, t_r
 
 
-def product_ceiling(dtype: torch.dtype, repeats: int, device):
+def product_gain(dtype: torch.dtype, repeats: int, device):
     """(ours, reference) seconds of one matrix product of the shape that dominates the image encoder
     (Hiera's stage-3 MLP, 4096 tokens x 384 -> 1536), in ``dtype`` and in fp32: what computing in
-    ``dtype`` gains on this hardware where the work is all products (about 3/4 of a frame's time in bf16
-    on a CPU; the rest, softmax and passes over memory, gains less, the reference's fp32 overheads more)."""
+    ``dtype`` gains on this hardware where the work is all products (about 3/4 of ours' bf16 frame on a
+    CPU; the rest, the softmax and passes over memory, gains less)."""
     g = torch.Generator().manual_seed(0)
     a, b = (torch.randn(*shape, generator=g).to(device) for shape in ((4096, 384), (384, 1536)))
     a_o, b_o = a.to(dtype), b.to(dtype)
@@ -163,7 +163,7 @@ def main(argv=None) -> int:
         step_diff = max_diff([(sr[k], so[k]) for k in
                               ("pred_masks", "pred_masks_high_res", "obj_ptr", "object_score_logits",
                                "maskmem_features")])
-        prod_o, prod_r = product_ceiling(ours.compute_dtype, args.repeats, device)
+        prod_o, prod_r = product_gain(ours.compute_dtype, args.repeats, device)
     load1 = os.getloadavg()[0] if hasattr(os, "getloadavg") else float("nan")
 
     threads = torch.get_num_threads()
