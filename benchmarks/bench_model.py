@@ -23,6 +23,7 @@ Usage:
 from __future__ import annotations
 
 import argparse
+import math
 import os
 import platform
 import statistics
@@ -40,6 +41,8 @@ sys.path.insert(0, str(REPO / "tests"))  # tests/reference.py: the reference ora
 NUM_FRAMES = 32
 FRAME = 16  # a non-conditioning frame, conditioning frame 0: memories 0 + 10..15, pointers 0 + 1..15
 COND_FRAME = 0
+# the product timed in both precisions: Hiera's stage-3 MLP, 4096 tokens x 384 -> 1536
+PRODUCT = (4096, 384, 1536)
 
 
 def parse_args(argv=None):
@@ -80,12 +83,13 @@ def interleaved(fn_ours, fn_ref, repeats: int, device):
 
 
 def product_gain(dtype: torch.dtype, repeats: int, device):
-    """(ours, reference) seconds of one matrix product of the shape that dominates the image encoder
-    (Hiera's stage-3 MLP, 4096 tokens x 384 -> 1536), in ``dtype`` and in fp32: what computing in
-    ``dtype`` gains on this hardware where the work is all products (about 3/4 of ours' bf16 frame on a
-    CPU; the rest, the softmax and passes over memory, gains less)."""
+    """(ours, reference) seconds of the :data:`PRODUCT` matrix product (the shape that dominates the
+    image encoder), in ``dtype`` and in fp32: what computing in ``dtype`` gains on this hardware where
+    the work is all products (about 3/4 of ours' bf16 frame on a CPU; the rest, the softmax and passes
+    over memory, gains less)."""
     g = torch.Generator().manual_seed(0)
-    a, b = (torch.randn(*shape, generator=g).to(device) for shape in ((4096, 384), (384, 1536)))
+    m, k, n = PRODUCT
+    a, b = (torch.randn(*shape, generator=g).to(device) for shape in ((m, k), (k, n)))
     a_o, b_o = a.to(dtype), b.to(dtype)
     return interleaved(lambda: a_o @ b_o, lambda: a @ b, max(repeats, 21), device)[:2]
 
@@ -183,8 +187,8 @@ def main(argv=None) -> int:
     print(f"{'seconds per frame':<{w}}  {'ours':>8}  {'reference':>9}  {'ours/ref':>8}  {'max|diff|':>9}")
     for label, o, r, d in rows:
         print(f"{label:<{w}}  {o:8.3f}  {r:9.3f}  {o / r:8.2f}  {d:9.1e}")
-    flops = 2 * 4096 * 384 * 1536
-    print(f"matrix product alone (4096 x 384 x 1536): ours {ours.precision} {flops / prod_o / 1e9:.0f} GFLOP/s, "
+    flops = 2 * math.prod(PRODUCT)
+    print(f"matrix product alone ({' x '.join(map(str, PRODUCT))}): ours {ours.precision} {flops / prod_o / 1e9:.0f} GFLOP/s, "
           f"fp32 {flops / prod_r / 1e9:.0f} GFLOP/s, {prod_r / prod_o:.2f}x (what {ours.precision} gains "
           f"on this hardware where the work is all products)")
     return 0
