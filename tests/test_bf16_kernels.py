@@ -1,17 +1,19 @@
 """bf16 inference kernels: the linear layers' fused bias (the same bits as torch's ``F.linear``, only where
 it is meant to run), the memory encoder's channel layer norm (closer to fp32 than nine bf16 passes), the
-decoder's pointwise projections in bf16, the image encoder's contiguous first stage and RoPE written in place."""
+decoder's pointwise projections in bf16, the image encoder's contiguous first stage, RoPE written in place and
+the feed-forward layers' activations inside the product."""
 
 from __future__ import annotations
 
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from napari_sam2.modeling import attention as attention_mod
 from napari_sam2.modeling import linear as linear_mod
 from napari_sam2.modeling.common import LayerNorm2d
-from napari_sam2.modeling.linear import Linear, fuses_bias, pointwise_conv
+from napari_sam2.modeling.linear import Linear, fuses_bias, linear_activation, pointwise_conv
 from napari_sam2.modeling.position_encoding import apply_rope, axial_rope_angles
 
 needs_onednn = pytest.mark.skipif(not torch.backends.mkldnn.is_available(), reason="torch built without oneDNN")
@@ -201,3 +203,110 @@ def test_rope_written_into_its_destination_equals_the_rotated_copy():
     before = x.clone()
     apply_rope(x, freqs)
     assert torch.equal(x, before)  # without out=, the input is left as it was (fp32: no in-place rotation)
+
+
+# ------------------------------------------------------------- a linear layer and its activation in one product
+needs_onednn_bf16 = pytest.mark.skipif(
+    not (torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported()),
+    reason="oneDNN has no bf16 products on this CPU",
+)
+
+
+@pytest.fixture
+def fast_bf16(monkeypatch):
+    """Pretend this CPU computes bf16 natively (AMX or AVX-512 BF16), whatever it is."""
+    monkeypatch.setattr(attention_mod, "fast_bf16_cpu", lambda: True)
+
+
+def _runs_fused(layer: torch.nn.Module, x: torch.Tensor, activation: torch.nn.Module) -> tuple[bool, torch.Tensor]:
+    """(whether the layer's own forward was skipped, i.e. oneDNN's product ran with the activation; output)."""
+    calls = []
+    hook = layer.register_forward_hook(lambda *a: calls.append(1))
+    try:
+        out = linear_activation(x, layer, activation)
+    finally:
+        hook.remove()
+    return not calls, out
+
+
+@needs_onednn_bf16
+@pytest.mark.parametrize("shape, n_in, n_out", SHAPES)
+def test_relu_in_the_product_gives_the_same_bits(shape, n_in, n_out, fast_bf16):
+    """Memory attention's feed-forward layer (and any ReLU MLP) in bf16 inference: one product whose
+    ReLU acts before rounding; rounding keeps signs and zero, so the bits are those of two passes."""
+    layer = _layer(n_in, n_out)
+    x = torch.randn(shape).bfloat16()
+    with torch.inference_mode():
+        fused, out = _runs_fused(layer, x, nn.ReLU())
+        assert fused
+        assert torch.equal(out, F.relu(F.linear(x, layer.weight, layer.bias)))
+
+
+@needs_onednn_bf16
+def test_gelu_in_the_product_is_closer_to_fp32(fast_bf16):
+    """GELU of the product's fp32 result, rounded once, against GELU of the rounded product (Hiera's and
+    the memory encoder's feed-forward layers)."""
+    layer = _layer(96, 384)
+    x = torch.randn(64, 32, 96).bfloat16()
+    with torch.inference_mode():
+        exact = F.gelu(F.linear(x.float(), layer.weight.float(), layer.bias.float()))
+        fused, out = _runs_fused(layer, x, nn.GELU())
+        assert fused and out.dtype == torch.bfloat16
+        two_passes = F.gelu(F.linear(x, layer.weight, layer.bias))
+    fused_err, two_pass_err = ((y.float() - exact).abs().mean() for y in (out, two_passes))
+    assert fused_err <= two_pass_err, (fused_err, two_pass_err)
+    torch.testing.assert_close(out.float(), exact, rtol=2e-2, atol=2e-2)
+
+
+def test_the_activation_stays_apart_where_the_product_cannot_take_it(fast_bf16):
+    """fp32 (the reference's arithmetic), a training step, a strided input, the tanh GELU, a layer that
+    is not a plain linear one (LoRA wraps it) and a CPU without fast bf16 keep layer + activation."""
+    layer = _layer(96, 192)
+    x = torch.randn(4, 16, 96).bfloat16()
+    fp32 = _layer(96, 192, torch.float32)
+    with torch.inference_mode():
+        fused, out = _runs_fused(fp32, x.float(), nn.GELU())
+        assert not fused and torch.equal(out, F.gelu(F.linear(x.float(), fp32.weight, fp32.bias)))
+        assert not _runs_fused(layer, x.transpose(0, 1), nn.ReLU())[0]
+        assert not _runs_fused(layer, x, nn.GELU(approximate="tanh"))[0]
+        wrapped = nn.Sequential(layer)  # stands for a LoRA wrapper: its own forward must run
+        fused, out = _runs_fused(wrapped, x, nn.ReLU())
+        assert not fused and torch.equal(out, F.relu(layer(x)))
+    xg = x.clone().requires_grad_()
+    fused, out = _runs_fused(layer, xg, nn.ReLU())
+    assert not fused
+    out.float().sum().backward()
+    assert layer.weight.grad is not None and xg.grad is not None
+
+
+def test_a_cpu_without_fast_bf16_keeps_the_activation_apart(monkeypatch):
+    monkeypatch.setattr(attention_mod, "fast_bf16_cpu", lambda: False)
+    layer = _layer(96, 192)
+    with torch.inference_mode():
+        assert not _runs_fused(layer, torch.randn(4, 96).bfloat16(), nn.ReLU())[0]
+
+
+@needs_onednn_bf16
+def test_memory_attention_layer_output_is_unchanged_by_the_fused_relu(fast_bf16, monkeypatch):
+    """The whole bf16 memory attention layer gives the same bits with its feed-forward ReLU inside the
+    product as with the two passes (the fused path taken: counted)."""
+    from napari_sam2.modeling.memory_attention import MemoryAttentionLayer
+
+    torch.manual_seed(0)
+    layer = MemoryAttentionLayer().eval()
+    with torch.no_grad():
+        for p in layer.parameters():
+            p.add_(torch.randn_like(p) * 0.05)
+    layer.bfloat16()
+    tgt = torch.randn(2, 64, 256).bfloat16()
+    memory = torch.randn(2, 2 * 64 + 4, 64).bfloat16()
+    keys = memory + torch.randn_like(memory)
+    post_ops = []
+    real = linear_mod.onednn_post_op
+    monkeypatch.setattr(linear_mod, "onednn_post_op", lambda a: post_ops.append(type(a).__name__) or real(a))
+    with torch.inference_mode():
+        fused = layer(tgt, memory, keys, num_k_exclude_rope=4)
+        monkeypatch.setattr(linear_mod, "onednn_post_op", lambda a: None)
+        apart = layer(tgt, memory, keys, num_k_exclude_rope=4)
+    assert post_ops == ["ReLU"]
+    assert torch.equal(fused, apart)

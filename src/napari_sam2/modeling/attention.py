@@ -36,6 +36,14 @@ def bf16_products_spelled_out() -> bool:
     return "avx512_bf16" in features and "amx_bf16" not in features
 
 
+@functools.cache
+def fast_bf16_cpu() -> bool:
+    """A CPU that computes bf16 products natively (AMX or AVX-512 BF16)."""
+    from ..precision import cpu_bf16_features
+
+    return bool(cpu_bf16_features())
+
+
 def bf16_cpu_inference(*tensors: torch.Tensor) -> bool:
     """bf16 ``tensors`` on a CPU with no graph being built (inference, or a frozen part in fine-tuning)."""
     return (

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .attention import bf16_cpu_inference
-from .linear import Linear
+from .linear import Linear, linear_activation
 
 
 class MLP(nn.Module):
@@ -38,9 +38,7 @@ class MLP(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         last = len(self.layers) - 1
         for i, layer in enumerate(self.layers):
-            x = layer(x)
-            if i < last:
-                x = self.act(x)
+            x = linear_activation(x, layer, self.act) if i < last else layer(x)
         return torch.sigmoid(x) if self.sigmoid_output else x
 
 

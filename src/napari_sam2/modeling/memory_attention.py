@@ -8,10 +8,9 @@ official configs) acts only in training mode: inference is untouched by it.
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
-from .linear import Linear
+from .linear import Linear, linear_activation
 from .transformer import RoPEAttention
 
 
@@ -28,6 +27,7 @@ class MemoryAttentionLayer(nn.Module):
         self.norm2 = nn.LayerNorm(d_model)
         self.norm3 = nn.LayerNorm(d_model)
         # no parameters: the state dict keeps the official keys
+        self.activation = nn.ReLU(inplace=True)
         self.dropout = nn.Dropout(dropout)
         self.dropout1 = nn.Dropout(dropout)
         self.dropout2 = nn.Dropout(dropout)
@@ -40,7 +40,7 @@ class MemoryAttentionLayer(nn.Module):
         x = self.norm2(tgt)
         tgt = tgt + self.dropout2(self.cross_attn_image(x, memory_keys, memory, num_k_exclude_rope=num_k_exclude_rope))
         x = self.norm3(tgt)
-        return tgt + self.dropout3(self.linear2(self.dropout(F.relu(self.linear1(x), inplace=True))))
+        return tgt + self.dropout3(self.linear2(self.dropout(linear_activation(x, self.linear1, self.activation))))
 
 
 class MemoryAttention(nn.Module):

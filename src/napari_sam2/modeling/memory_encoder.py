@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from .common import LayerNorm2d
-from .linear import Linear
+from .linear import Linear, linear_activation
 from .position_encoding import PositionEmbeddingSine
 
 
@@ -42,7 +42,7 @@ class CXBlock(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.norm(self.dwconv(x)).permute(0, 2, 3, 1)
-        y = self.gamma * self.pwconv2(self.act(self.pwconv1(y)))
+        y = self.gamma * self.pwconv2(linear_activation(y, self.pwconv1, self.act))
         return x + y.permute(0, 3, 1, 2)
 
 
