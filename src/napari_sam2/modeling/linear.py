@@ -61,9 +61,10 @@ def linear_activation(x: torch.Tensor, layer: nn.Module, activation: nn.Module) 
     one oneDNN product that applies the activation to its fp32 result before rounding instead of a
     second pass over the output: on AMX (2 cores) a bf16 ReLU over memory attention's 4 x 4096 x 2048
     hidden layer alone took 17 ms against 8 ms for the whole product (torch's elementwise bf16 kernels
-    slow down on outputs of more than a few MiB per core). ReLU keeps the bits (rounding keeps signs and
-    zero); GELU of the unrounded result is closer to fp32 than GELU of the rounded one. Anything else
-    (fp32, training, a LoRA-adapted layer) is the layer followed by the activation module.
+    slow down on outputs of more than a few MiB per core). ReLU keeps the bits of finite values
+    (rounding keeps signs and zero; oneDNN's ReLU turns NaN into 0, where torch's keeps it); GELU of
+    the unrounded result is closer to fp32 than GELU of the rounded one. Anything else (fp32,
+    training, a LoRA-adapted layer) is the layer followed by the activation module.
     """
     post_op = onednn_post_op(activation)
     if (
