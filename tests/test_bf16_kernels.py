@@ -259,8 +259,8 @@ def test_gelu_in_the_product_is_closer_to_fp32(fast_bf16):
 
 
 def test_the_activation_stays_apart_where_the_product_cannot_take_it(fast_bf16):
-    """fp32 (the reference's arithmetic), a training step, a strided input, the tanh GELU, a layer that
-    is not a plain linear one (LoRA wraps it) and a CPU without fast bf16 keep layer + activation."""
+    """fp32 (the reference's arithmetic), a training step, a strided input, the tanh GELU and a layer
+    that is not a plain linear one (LoRA wraps it) keep layer + activation."""
     layer = _layer(96, 192)
     x = torch.randn(4, 16, 96).bfloat16()
     fp32 = _layer(96, 192, torch.float32)

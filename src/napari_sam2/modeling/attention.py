@@ -38,10 +38,10 @@ def bf16_products_spelled_out() -> bool:
 
 @functools.cache
 def fast_bf16_cpu() -> bool:
-    """A CPU that computes bf16 products natively (AMX or AVX-512 BF16)."""
-    from ..precision import cpu_bf16_features
+    """A CPU that computes bf16 products natively (AMX or AVX-512 BF16): what ``precision="auto"`` reads."""
+    from ..precision import fast_bf16
 
-    return bool(cpu_bf16_features())
+    return fast_bf16(torch.device("cpu"))[0]
 
 
 def bf16_cpu_inference(*tensors: torch.Tensor) -> bool:
